@@ -1,0 +1,31 @@
+# edgetune: the two set-up commands.
+#   make quickstart   fine-tune -> merge -> export int4 -> run, on the shipped tiny model
+#   make test         the test suite
+# Each creates .venv if missing and installs everything through pyproject.toml/setup.py.
+# TORCH picks the torch build: the default is the CPU build (installed from local disk on
+# edgetune's CI machines). A CUDA user passes e.g.
+#   make quickstart TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgetune-installed
+
+.PHONY: quickstart test clean
+
+$(STAMP): pyproject.toml setup.py kernels/csrc/edgetune_kernels.c kernels/_ckernels.pyx
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[train,export,dev]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/edgetune quickstart --force
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build *.egg-info kernels/_ckernels.c kernels/*.so edgetune-quickstart

@@ -1,0 +1,2 @@
+"""edgetune."""
+__version__ = "0.1.0"

@@ -1,0 +1,226 @@
+"""The ``edgetune`` command: one small function per subcommand over the stage functions.
+
+Exit codes: 0 success, 2 a user error (one line on stderr), 1 an internal failure,
+130 interrupted. Heavy libraries (torch, transformers) load only in the
+subcommands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import EdgetuneError
+
+
+def _add_train(sub) -> None:
+    from .train.config import METHODS
+
+    p = sub.add_parser("train", help="fine-tune with QLoRA / QDoRA / LoRA / DoRA",
+                       description="Fine-tune a local Hugging Face causal LM; writes RUN/adapter "
+                       "(PEFT format), metrics.jsonl, loss.png, config.yaml and checkpoints. "
+                       "Flags override values from --config YAML.")
+    p.add_argument("--model", help="base model dir (Llama / Phi-3 / Mistral / Qwen2 family)")
+    p.add_argument("--data", help="training JSONL (messages, prompt/completion or text)")
+    p.add_argument("--eval-data", help="held-out JSONL for eval loss")
+    p.add_argument("--out", help="run dir to create")
+    p.add_argument("--method", choices=METHODS, help="default qlora")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--dropout", type=float)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--packing", action="store_true", default=None, help="pack examples into rows")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="refuse examples longer than --seq-len instead of truncating")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--config", help="YAML recipe (see examples/configs)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import TrainConfig, train
+
+    keys = ("model", "data", "eval_data", "out", "method", "rank", "alpha", "dropout", "max_steps",
+            "epochs", "lr", "batch_size", "grad_accum", "seq_len", "seed", "eval_every",
+            "save_every", "packing", "gradient_checkpointing", "strict", "device")
+    cfg = load_config(TrainConfig, args.config, {k: getattr(args, k) for k in keys})
+    try:
+        run = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"interrupted: checkpoint saved in {cfg.out}/checkpoints; continue with --resume",
+              file=sys.stderr)
+        return 130
+    print(f"adapter: {run / 'adapter'}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    out = merge(args.model, args.adapter, args.out, args.base_quantization, force=args.force)
+    print(f"merged model: {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import ExportConfig, export
+
+    cfg = ExportConfig(quant=args.quant, block_size=args.block_size, symmetric=args.symmetric,
+                       accuracy_level=args.accuracy_level, lm_head=args.lm_head,
+                       eval_data=args.eval_data)
+    out = export(args.model, args.out, cfg, force=args.force)
+    print(f"bundle: {out}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .bundle import verify
+
+    m = verify(args.bundle)
+    print(f"{args.bundle}: OK ({len(m['files'])} files, {m['architecture']['model_type']}, "
+          f"{m['quantization']['quant']})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_path
+
+    r = evaluate_path(args.path, args.data, args.limit)
+    if args.json:
+        print(json.dumps(r.as_dict()))
+    else:
+        print(f"exact match {100 * r.exact_match:.1f}%  perplexity {r.perplexity:.3f}  "
+              f"decode {r.decode_tokens_per_s:.0f} tok/s  ({r.examples} examples)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .runtime import Model
+
+    model = Model.load(args.bundle, backend=args.backend, threads=args.threads)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                    stop=tuple(args.stop or ()), seed=args.seed)
+    prompt = args.prompt
+    if not args.raw and model.manifest["tokenizer"].get("chat_template"):
+        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = model.render_chat(msgs + [{"role": "user", "content": args.prompt}])
+    if args.stream:
+        for piece in model.stream(prompt, **sampling):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(model.generate(prompt, **sampling))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import QuickstartConfig, quickstart
+
+    quickstart(QuickstartConfig(out=args.out, max_steps=args.max_steps, force=args.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgetune", description="Fine-tune, merge, export and run a "
+                                 "small language model on the edge.")
+    ap.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from .quickstart import QuickstartConfig
+
+    p = sub.add_parser("quickstart", help="run the whole path on the shipped tiny model",
+                       description="Fine-tune (QLoRA) the shipped tiny model on the bundled "
+                       "smart-home task, merge, export int4, run it, and print one table.")
+    p.add_argument("--out", default=QuickstartConfig.out)
+    p.add_argument("--max-steps", type=int, default=QuickstartConfig.max_steps)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_quickstart)
+
+    _add_train(sub)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model",
+                       description="Write a plain HF model dir with the adapter merged in. For "
+                       "qlora/qdora adapters the base is NF4-dequantized exactly as in training.")
+    p.add_argument("--model", required=True, help="base model dir the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="RUN/adapter (PEFT format)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--base-quantization", choices=("auto", "nf4", "none"), default="auto",
+                   help="how the base was quantized in training (auto: from edgetune's note)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="export to an ONNX bundle (int4 by default)",
+                       description="Optimum ONNX export with KV cache, weight quantization, a "
+                       "parity report, and a verified bundle.")
+    p.add_argument("model", help="merged HF model dir")
+    p.add_argument("--out", required=True, help="bundle dir to create")
+    p.add_argument("--quant", choices=("int4", "int8", "none"), default="int4")
+    p.add_argument("--block-size", type=int, default=32)
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True)
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=range(5))
+    p.add_argument("--lm-head", choices=("int8", "int4", "fp32"), default="int8")
+    p.add_argument("--eval-data", help="held-out JSONL or .txt for the parity report")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="check a bundle's structure and file hashes")
+    p.add_argument("bundle")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("eval", help="exact match and perplexity of a bundle or model dir")
+    p.add_argument("path", help="bundle or HF model dir")
+    p.add_argument("--data", required=True, help="JSONL with messages or prompt/completion")
+    p.add_argument("--limit", type=int, help="first N examples only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="generate from a bundle",
+                       description="Generate a completion; the prompt is wrapped in the bundle's "
+                       "chat template unless --raw.")
+    p.add_argument("bundle")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", help="system message (chat bundles)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--backend", choices=("auto", "ort"), default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true")
+    p.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgetuneError as e:
+        print(f"edgetune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""``export(model_dir, out, cfg) -> bundle``: Optimum ONNX export, weight quantization,
+parity report, and a self-describing bundle written atomically.
+
+merged/ ─► Optimum (fp32 decoder with KV cache) ─► MatMulNBits int4/int8 ─► bundle/
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+from ..bundle import commit_dir, dir_bytes, file_table, write_manifest
+from ..errors import OutputExistsError
+from ..models import check_model_dir, load_model, load_tokenizer
+from ..runtime.ort_backend import OrtDecoder
+from .config import ExportConfig
+from .onnx_export import optimum_export
+from .quantize import quantize_weights
+from .report import eval_texts, format_report, quant_vs_fp32, torch_vs_onnx
+
+__all__ = ["ExportConfig", "export"]
+
+DECODER = "model.onnx"
+DECODER_DATA = "model.onnx.data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "config.json")
+
+
+def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DECODER_DATA, size_threshold=1024)
+
+
+def _architecture(cfg: dict) -> dict:
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+            "original_max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+            "partial_rotary_factor", "sliding_window", "tie_word_embeddings", "hidden_act")
+    return {"model_type": cfg["model_type"], **{k: cfg[k] for k in keys if k in cfg}}
+
+
+def genai_config(cfg: dict, tokenizer, context: int) -> dict:
+    """onnxruntime-genai's genai_config.json for the bundle's decoder."""
+    heads = cfg["num_attention_heads"]
+    gen_eos = cfg.get("eos_token_id")
+    eos = gen_eos if isinstance(gen_eos, list) else [gen_eos if gen_eos is not None
+                                                      else tokenizer.eos_token_id]
+    return {
+        "model": {
+            "bos_token_id": cfg.get("bos_token_id", tokenizer.bos_token_id),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": DECODER,
+                "head_size": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                "hidden_size": cfg["hidden_size"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": heads,
+                "num_hidden_layers": cfg["num_hidden_layers"],
+                "num_key_value_heads": cfg.get("num_key_value_heads", heads),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": cfg.get("pad_token_id") or tokenizer.pad_token_id,
+            "type": cfg["model_type"],
+            "vocab_size": cfg["vocab_size"],
+        },
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def _eos_ids(model_dir: Path, tokenizer) -> list[int]:
+    gen = model_dir / "generation_config.json"
+    ids = []
+    if gen.is_file():
+        e = json.loads(gen.read_text()).get("eos_token_id")
+        ids = e if isinstance(e, list) else ([e] if e is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
+           force: bool = False, log=print) -> Path:
+    """Export a merged HF model dir into a bundle at ``out``; returns ``out``."""
+    model_dir, out = Path(model_dir), Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: output exists (use --force to replace it)")
+    hf_cfg = check_model_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    texts = eval_texts(tokenizer, cfg.eval_data)
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fp32_path = optimum_export(model_dir, work / "fp32", cfg.opset)
+        bundle = work / "bundle"
+        bundle.mkdir()
+        model = onnx.load(str(fp32_path))
+        summary = None
+        if cfg.quant != "none":
+            summary = quantize_weights(model, cfg)
+        _save_onnx(model, bundle / DECODER)
+        del model
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy(model_dir / name, bundle / name)
+        context = int(hf_cfg.get("max_position_embeddings", 2048))
+        (bundle / "genai_config.json").write_text(
+            json.dumps(genai_config(hf_cfg, tokenizer, context), indent=2) + "\n")
+
+        token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"][:context] for t in texts]
+        fp32_dec = OrtDecoder(str(fp32_path))
+        torch_model = load_model(model_dir).eval()
+        report = {"quantization": {"quant": cfg.quant, "block_size": cfg.block_size,
+                                   "symmetric": cfg.symmetric, "accuracy_level": cfg.accuracy_level,
+                                   "lm_head": cfg.lm_head if cfg.quant == "int4" else cfg.quant},
+                  "onnx_fp32_vs_torch": torch_vs_onnx(torch_model, fp32_dec, token_lists,
+                                                      cfg.report_tokens)}
+        del torch_model
+        if cfg.quant != "none":
+            report["quant_vs_fp32"] = quant_vs_fp32(fp32_dec, OrtDecoder(str(bundle / DECODER)),
+                                                    token_lists)
+            report["matmuls_quantized"] = summary.quantized
+            report["kept_fp32"] = summary.kept
+        report["fp32_onnx_weight_bytes"] = dir_bytes(work / "fp32") - sum(
+            (work / "fp32" / n).stat().st_size for n in TOKENIZER_FILES if (work / "fp32" / n).exists())
+        report["eval_texts"] = len(token_lists)
+        report["file_bytes"] = {k: v["bytes"] for k, v in file_table(bundle).items()}
+        report["export_seconds"] = round(time.perf_counter() - t0, 2)
+        (bundle / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+        tok_cfg = json.loads((bundle / "tokenizer_config.json").read_text()) \
+            if (bundle / "tokenizer_config.json").is_file() else {}
+        write_manifest(bundle, {
+            "producer": "edgetune",
+            "architecture": _architecture(hf_cfg),
+            "quantization": report["quantization"],
+            "decoder": {"filename": DECODER, "external_data": DECODER_DATA, "context_length": context,
+                        "inputs": "input_ids, attention_mask, position_ids, past_key_values.%d.key/value",
+                        "kv_layout": "(batch, kv_heads, seq, head_dim)"},
+            "tokenizer": {"file": "tokenizer.json", "eos_token_ids": _eos_ids(model_dir, tokenizer),
+                          "bos_token_id": tokenizer.bos_token_id,
+                          "chat_template": tokenizer.chat_template or tok_cfg.get("chat_template")},
+            "report": {k: report[k] for k in ("onnx_fp32_vs_torch", "quant_vs_fp32") if k in report},
+        })
+        log(format_report(report))
+        commit_dir(bundle, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+

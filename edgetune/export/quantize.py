@@ -1,0 +1,92 @@
+"""Weight quantization of an exported ONNX decoder.
+
+Every ``MatMul`` whose right operand is a 2-D weight initializer becomes a
+``com.microsoft.MatMulNBits`` node whose packed weight comes from
+``edgetune.kernels`` (the same packing the native runtime reads): 4-bit blocks
+for the decoder projections, 8-bit blocks for the LM head by default. The
+embedding table (a Gather) stays fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import kernels
+from .config import ExportConfig
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class QuantSummary:
+    quantized: dict[str, int]  # bits -> number of MatMuls
+    kept: list[str]  # MatMul weights left in fp32, with the reason
+
+
+def _is_lm_head(node: onnx.NodeProto, graph_outputs: set[str]) -> bool:
+    return "lm_head" in node.name or node.output[0] in graph_outputs
+
+
+def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig) -> QuantSummary:
+    """Rewrite MatMuls over weight initializers in place, per ``cfg``."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    uses: dict[str, int] = {}
+    for nd in graph.node:
+        for i in nd.input:
+            uses[i] = uses.get(i, 0) + 1
+    counts: dict[str, int] = {}
+    kept: list[str] = []
+    new_nodes = []
+    drop: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        head = _is_lm_head(node, outputs)
+        bits = 4
+        if cfg.quant == "int8" or (head and cfg.lm_head == "int8"):
+            bits = 8
+        if head and cfg.lm_head == "fp32":
+            kept.append(f"{node.name}: lm_head kept fp32 (--lm-head fp32)")
+            new_nodes.append(node)
+            continue
+        if w.ndim != 2 or w.shape[0] % cfg.block_size or w.dtype != np.float32:
+            kept.append(f"{node.name}: weight {w.shape} not divisible by block {cfg.block_size}")
+            new_nodes.append(node)
+            continue
+        k, n = w.shape
+        prefix = node.input[1]
+        extra = []
+        if bits == 4:
+            q = kernels.q4_quantize(w, cfg.block_size, cfg.symmetric)
+            extra = [numpy_helper.from_array(q.packed, f"{prefix}_Q4"),
+                     numpy_helper.from_array(q.scales.reshape(-1), f"{prefix}_scales")]
+            if q.zero_points is not None:
+                extra.append(numpy_helper.from_array(q.zero_points.reshape(-1), f"{prefix}_zp"))
+        else:
+            codes, scales = kernels.q8_weight_quantize(w, cfg.block_size)
+            extra = [numpy_helper.from_array(codes, f"{prefix}_Q8"),
+                     numpy_helper.from_array(scales.reshape(-1), f"{prefix}_scales")]
+        graph.initializer.extend(extra)
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0]] + [t.name for t in extra], list(node.output),
+            name=f"{node.name}_Q{bits}", domain=MS_DOMAIN, K=k, N=n, bits=bits,
+            block_size=cfg.block_size, accuracy_level=cfg.accuracy_level))
+        counts[str(bits)] = counts.get(str(bits), 0) + 1
+        if uses.get(prefix, 0) <= 1:
+            drop.add(prefix)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    remaining = [i for i in graph.initializer if i.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(remaining)
+    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return QuantSummary(counts, kept)

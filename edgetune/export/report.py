@@ -1,0 +1,113 @@
+"""The export's parity report: how much of the fp32 model each stage kept.
+
+* fp32 ONNX vs PyTorch: max |Δlogit|, relative logit error, greedy tokens over N steps;
+* quantized ONNX vs fp32 ONNX: top-1 next-token agreement and perplexity on held-out text;
+* size of every file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..data import load_examples
+from ..data import smart_home
+from ..runtime.ort_backend import OrtDecoder
+
+
+def render(tokenizer, ex) -> str:
+    if ex.kind == "messages":
+        return tokenizer.apply_chat_template(ex.as_chat(), tokenize=False)
+    if ex.kind == "prompt":
+        return ex.prompt + ex.completion
+    return ex.text
+
+
+def eval_texts(tokenizer, eval_data: str | None, limit: int = 64) -> list[str]:
+    """Held-out texts: the given JSONL/.txt file, else the bundled task's held-out split."""
+    if eval_data and str(eval_data).endswith(".txt"):
+        paras = [p.strip() for p in Path(eval_data).read_text().split("\n\n") if p.strip()]
+        return paras[:limit]
+    if eval_data:
+        return [render(tokenizer, ex) for ex in load_examples(eval_data)[:limit]]
+    import random
+    rng = random.Random(1)
+    _, heldout = smart_home.split_combinations(seed=0)
+    exs = [smart_home.make_example(rng, *rng.choice(heldout)) for _ in range(limit)]
+    return [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in exs]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def logits_over(decoder: OrtDecoder, ids: list[int]) -> np.ndarray:
+    logits, _ = decoder.forward(np.array([ids], np.int64))
+    return logits[0]  # (T, V)
+
+
+def onnx_greedy(decoder: OrtDecoder, ids: list[int], steps: int) -> list[int]:
+    logits, past = decoder.forward(np.array([ids], np.int64))
+    out = []
+    for _ in range(steps):
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        logits, past = decoder.forward(np.array([[nxt]], np.int64), past)
+    return out
+
+
+def torch_vs_onnx(model, decoder: OrtDecoder, token_lists: list[list[int]], steps: int) -> dict:
+    """fp32 ONNX against the PyTorch model it came from."""
+    import torch
+
+    max_abs, max_rel = 0.0, 0.0
+    with torch.no_grad():
+        for ids in token_lists[:8]:
+            ref = model(torch.tensor([ids])).logits[0].float().numpy()
+            got = logits_over(decoder, ids)
+            max_abs = max(max_abs, float(np.abs(got - ref).max()))
+            max_rel = max(max_rel, float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12)))
+        prompt = token_lists[0][: max(4, len(token_lists[0]) // 2)]
+        ref_tokens = model.generate(torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps,
+                                    do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    got_tokens = onnx_greedy(decoder, prompt, steps)
+    return {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel,
+            "greedy_steps": steps, "greedy_tokens_equal": ref_tokens == got_tokens}
+
+
+def quant_vs_fp32(fp32: OrtDecoder, quant: OrtDecoder, token_lists: list[list[int]]) -> dict:
+    """Top-1 agreement and perplexity of the quantized decoder against fp32."""
+    agree = total = 0
+    nll_f = nll_q = 0.0
+    for ids in token_lists:
+        lf, lq = logits_over(fp32, ids), logits_over(quant, ids)
+        agree += int((lf[:-1].argmax(-1) == lq[:-1].argmax(-1)).sum())
+        total += len(ids) - 1
+        tgt = np.array(ids[1:])
+        nll_f -= float(_log_softmax(lf[:-1])[np.arange(len(tgt)), tgt].sum())
+        nll_q -= float(_log_softmax(lq[:-1])[np.arange(len(tgt)), tgt].sum())
+    ppl_f, ppl_q = math.exp(nll_f / total), math.exp(nll_q / total)
+    return {"top1_agreement": agree / total, "ppl_fp32": ppl_f, "ppl_quant": ppl_q,
+            "ppl_change": ppl_q / ppl_f - 1.0, "tokens": total}
+
+
+def format_report(report: dict) -> str:
+    lines = ["parity report"]
+    t = report.get("onnx_fp32_vs_torch")
+    if t:
+        lines.append(f"  fp32 ONNX vs PyTorch   max|Δlogit| {t['max_abs_logit_diff']:.2e}  "
+                     f"rel {t['max_rel_logit_diff']:.2e}  greedy {t['greedy_steps']} tokens "
+                     f"{'equal' if t['greedy_tokens_equal'] else 'DIFFER'}")
+    q = report.get("quant_vs_fp32")
+    if q:
+        lines.append(f"  {report['quantization']['quant']} vs fp32 ONNX   top-1 agreement "
+                     f"{100 * q['top1_agreement']:.1f}%  ppl {q['ppl_fp32']:.3f} -> {q['ppl_quant']:.3f} "
+                     f"({100 * q['ppl_change']:+.2f}%) over {q['tokens']} tokens")
+    lines.append("  files")
+    for name, size in report["file_bytes"].items():
+        lines.append(f"    {name:<28} {size / 1e6:9.2f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Find, validate and load local Hugging Face causal-LM directories.
+
+Only the Llama / Phi-3 / Mistral / Qwen2 families are supported end to end
+(trainer, export, native runtime). Weights load from safetensors only and
+``trust_remote_code`` stays off: a model dir is data, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import ModelError
+
+SUPPORTED = ("llama", "phi3", "mistral", "qwen2")
+
+_TINY = Path(__file__).parent / "assets" / "tiny-phi3"
+
+
+def tiny_model_path() -> Path:
+    """The shipped tiny Phi-3-architecture base model (see examples/pretrain_tiny_model.py)."""
+    return _TINY
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """config.json of a model dir, checked for presence and a supported architecture."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelError(f"{d}: model directory not found")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{cfg_path}: missing (not a Hugging Face model directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+    mtype = cfg.get("model_type")
+    if mtype not in SUPPORTED:
+        raise ModelError(f"{cfg_path}: model_type {mtype!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED)}")
+    return cfg
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> dict:
+    """Validate a model dir (config, tokenizer, readable safetensors) and return its config."""
+    d = Path(model_dir)
+    cfg = read_config(d)
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights:
+        if list(d.glob("*.bin")) or list(d.glob("*.pt")):
+            raise ModelError(f"{d}: only pickle weights (.bin/.pt) found; edgetune loads "
+                             "safetensors only (convert with save_pretrained(safe_serialization=True))")
+        raise ModelError(f"{d}: no *.safetensors weights found")
+    from safetensors import safe_open
+
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="numpy") as f:
+                keys = list(f.keys())
+                if keys:
+                    f.get_slice(keys[-1])
+        except Exception as e:  # safetensors raises several types for a damaged header
+            raise ModelError(f"{w}: not a readable safetensors file ({e})") from None
+        if w.stat().st_size < 16:
+            raise ModelError(f"{w}: truncated safetensors file")
+    if not (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").is_file():
+        raise ModelError(f"{d}: no tokenizer (tokenizer.json) found")
+    return cfg
+
+
+def load_model(model_dir: str | os.PathLike, dtype=None, device: str = "cpu"):
+    """Load a validated causal LM in ``dtype`` (fp32 by default) for training or export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype or torch.float32, use_safetensors=True,
+            trust_remote_code=False, low_cpu_mem_usage=True,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{model_dir}: could not load the model ({e})") from None
+    return model.to(device)
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,160 @@
+"""``Model``: load a bundle, then ``generate`` / ``stream`` / ``chat``. Torch-free.
+
+    from edgetune.runtime import Model
+    m = Model.load("bundle/")
+    print(m.chat([{"role": "user", "content": "dim the kitchen lights to 30%"}]))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..bundle import read_manifest, verify
+from ..errors import BundleError, ConfigError, EdgetuneError
+from .ort_backend import OrtDecoder
+from .sampling import SamplingConfig, select
+
+BACKENDS = ("auto", "ort")
+
+
+class PromptError(EdgetuneError):
+    """The prompt cannot be run (empty, not text, longer than the context)."""
+
+
+def _chat_renderer(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise PromptError(f"chat template: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+class Model:
+    """A loaded bundle with its tokenizer and one decoding backend."""
+
+    def __init__(self, path: Path, manifest: dict, decoder: OrtDecoder, backend: str):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.manifest = manifest
+        self.decoder = decoder
+        self.backend = backend
+        tok = manifest["tokenizer"]
+        self.tokenizer = Tokenizer.from_file(str(path / tok["file"]))
+        self.eos_ids = set(tok.get("eos_token_ids") or [])
+        self.context_length = int(manifest["decoder"]["context_length"])
+        self._template = tok.get("chat_template")
+        self.last_stats: dict[str, float] = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "auto", threads: int | None = None,
+             verify_hashes: bool = True) -> "Model":
+        """Verify the bundle (structure and SHA-256 of every file) and open it."""
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        path = Path(path)
+        manifest = verify(path) if verify_hashes else read_manifest(path)
+        try:
+            decoder = OrtDecoder(str(path / manifest["decoder"]["filename"]), threads=threads)
+        except Exception as e:  # onnxruntime raises its own exception types for bad models
+            raise BundleError(f"{path / manifest['decoder']['filename']}: ONNX Runtime could not "
+                              f"load the decoder ({e})") from None
+        return cls(path, manifest, decoder, "ort")
+
+    # -- text <-> tokens ------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PromptError(f"prompt is not valid UTF-8 ({e.reason})") from None
+        if not isinstance(text, str):
+            raise PromptError(f"prompt must be text, got {type(text).__name__}")
+        if not text.strip():
+            raise PromptError("prompt is empty")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self._template:
+            raise BundleError(f"{self.path}: bundle has no chat template")
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                   for m in messages):
+            raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts")
+        return _chat_renderer(self._template).render(messages=messages,
+                                                     add_generation_prompt=add_generation_prompt)
+
+    # -- generation -----------------------------------------------------------------------
+
+    def generate_ids(self, prompt_ids: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        """Yield generated token ids until eos, ``max_new_tokens`` or the context is full."""
+        if not prompt_ids:
+            raise PromptError("prompt is empty")
+        if len(prompt_ids) >= self.context_length:
+            raise PromptError(f"prompt has {len(prompt_ids)} tokens; the model's context is "
+                              f"{self.context_length}")
+        rng = np.random.default_rng(cfg.seed)
+        budget = min(cfg.max_new_tokens, self.context_length - len(prompt_ids))
+        context = list(prompt_ids)
+        t0 = time.perf_counter()
+        logits, past = self.decoder.forward(np.array([prompt_ids], np.int64))
+        t_first = time.perf_counter()
+        n = 0
+        try:
+            for n in range(1, budget + 1):
+                nxt = select(logits[0, -1], context, cfg, rng)
+                if nxt in self.eos_ids:
+                    break
+                context.append(nxt)
+                yield nxt
+                if n == budget:
+                    break
+                logits, past = self.decoder.forward(np.array([[nxt]], np.int64), past)
+        finally:
+            t_end = time.perf_counter()
+            self.last_stats = {"prompt_tokens": len(prompt_ids), "new_tokens": n,
+                               "first_token_s": t_first - t0,
+                               "decode_tokens_per_s": (n - 1) / (t_end - t_first)
+                               if n > 1 and t_end > t_first else 0.0}
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated (stops before any stop string)."""
+        cfg = SamplingConfig(**sampling)
+        ids: list[int] = []
+        emitted = ""
+        for tok in self.generate_ids(self.encode(prompt), cfg):
+            ids.append(tok)
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                continue
+            cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(emitted):
+                    yield text[len(emitted):cut]
+                return
+            # hold back a tail that could be the start of a stop string
+            hold = max((len(s) - 1 for s in cfg.stop), default=0)
+            safe = len(text) - hold if hold else len(text)
+            if safe > len(emitted):
+                yield text[len(emitted):safe]
+                emitted = text[:safe]
+        text = self.decode(ids)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+
+    def generate(self, prompt: str, **sampling) -> str:
+        return "".join(self.stream(prompt, **sampling))
+
+    def chat(self, messages: list[dict], **sampling) -> str:
+        return self.generate(self.render_chat(messages), **sampling)

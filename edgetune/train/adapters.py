@@ -1,0 +1,35 @@
+"""Wrap a causal LM with a PEFT LoRA / DoRA adapter, over an NF4 base for qlora / qdora."""
+
+from __future__ import annotations
+
+from .config import TrainConfig
+from .nf4 import quantize_model_nf4
+
+#: edgetune's note beside a PEFT adapter: method and how the base was quantized in training.
+ADAPTER_META = "edgetune_adapter.json"
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules if cfg.target_modules == "all-linear"
+        else [m.strip() for m in cfg.target_modules.split(",")],
+        use_dora=cfg.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def wrap_with_adapter(model, cfg: TrainConfig):
+    """Freeze the base (NF4-quantize it for q* methods) and add trainable adapters."""
+    from peft import get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.quantized:
+        quantize_model_nf4(model)
+    return get_peft_model(model, lora_config(cfg))

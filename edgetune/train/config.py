@@ -1,0 +1,91 @@
+"""Trainer settings: one frozen dataclass; YAML recipes and CLI flags map onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+METHODS = ("qlora", "qdora", "lora", "dora")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    """Local Hugging Face causal-LM dir (Llama / Phi-3 / Mistral / Qwen2 family)."""
+    data: str
+    """Training JSONL (messages, prompt/completion or text per line)."""
+    out: str
+    """Run dir: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
+    eval_data: str | None = None
+    """Optional held-out JSONL; eval loss is logged every ``eval_every`` steps."""
+    method: str = "qlora"
+    """qlora / qdora (NF4 base) or lora / dora (full-precision base)."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (0 keeps DoRA from holding a dequantized weight)."""
+    target_modules: str = "all-linear"
+    """PEFT target: every linear projection of attention and MLP by default."""
+    max_steps: int | None = None
+    """Optimizer steps; overrides ``epochs`` when set."""
+    epochs: float = 1.0
+    """Passes over the training data when ``max_steps`` is not set."""
+    lr: float = 2e-4
+    """Peak learning rate (cosine decay after linear warm-up)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on adapter weights."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 512
+    """Longest sequence; longer examples are truncated with a warning (refused if strict)."""
+    strict: bool = False
+    """Refuse examples longer than ``seq_len`` instead of truncating."""
+    packing: bool = False
+    """Pack several examples into each ``seq_len`` row (attention kept per example)."""
+    train_on_prompt: bool = False
+    """Also take loss on prompt / user tokens."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    eval_every: int = 50
+    """Steps between eval-loss measurements (needs ``eval_data``)."""
+    save_every: int = 50
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest removed first)."""
+    seed: int = 0
+    """Seed for adapter init, dropout and data order."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("rank", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every",
+                     "keep_checkpoints"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ConfigError("epochs and lr must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in ("qlora", "qdora")
+
+    @property
+    def use_dora(self) -> bool:
+        return self.method in ("dora", "qdora")

@@ -1,0 +1,169 @@
+"""edgetune.kernels: quantized-weight kernels with a numpy spec and fast backends.
+
+Backends, fastest first: ``cython`` (C core, AVX2+FMA picked at run time),
+``numba``, ``reference`` (numpy, the spec). ``EDGETUNE_KERNELS=reference|numba|cython``
+forces one. Every public function checks dtypes, shapes and block sizes here,
+in Python, so nothing malformed reaches compiled code.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from . import reference
+from .reference import NF4_BLOCK, NF4_CODE, Q4_BLOCK_SIZES, NF4Tensor, Q4Weight
+
+__all__ = [
+    "NF4Tensor", "Q4Weight", "NF4_CODE", "NF4_BLOCK", "Q4_BLOCK_SIZES", "backend",
+    "available_backends", "nf4_quantize", "nf4_dequantize", "q4_quantize", "q4_dequantize",
+    "q4_gemm", "q8_weight_quantize", "reference",
+]
+
+BACKENDS = ("cython", "numba", "reference")
+
+
+@lru_cache(maxsize=None)
+def _load(name: str):
+    """Import a backend module, or return None when it is not built or not installed."""
+    try:
+        if name == "cython":
+            from . import _ckernels
+
+            return _ckernels
+        if name == "numba":
+            from . import numba_kernels
+
+            return numba_kernels
+    except ImportError:
+        return None
+    return reference
+
+
+def available_backends() -> list[str]:
+    return [b for b in BACKENDS if _load(b) is not None]
+
+
+def backend(kernel: str = "") -> str:
+    """Backend used for ``kernel``: forced by EDGETUNE_KERNELS, else the fastest that has it."""
+    forced = os.environ.get("EDGETUNE_KERNELS", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"EDGETUNE_KERNELS must be one of {', '.join(BACKENDS)}, got {forced!r}")
+        if _load(forced) is None:
+            raise ValueError(f"EDGETUNE_KERNELS={forced} but that backend is not available "
+                             f"(available: {', '.join(available_backends())})")
+        if kernel and not hasattr(_load(forced), kernel):
+            return "reference" if forced == "reference" or kernel == "q4_gemm" else forced
+        return forced
+    for name in BACKENDS:
+        mod = _load(name)
+        if mod is not None and (not kernel or name == "reference" or hasattr(mod, kernel)):
+            return name
+    return "reference"
+
+
+def _check(arr: np.ndarray, name: str, dtype, ndim: int | None = None) -> None:
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(arr).__name__}")
+    if arr.dtype != dtype:
+        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+
+
+def nf4_quantize(w: np.ndarray) -> NF4Tensor:
+    """NF4 with double-quantized absmax (QLoRA). Quantization runs once per weight."""
+    if not isinstance(w, np.ndarray) or w.dtype.kind != "f" or w.size == 0:
+        raise ValueError("nf4_quantize needs a non-empty float numpy array")
+    if not np.isfinite(w).all():
+        raise ValueError("nf4_quantize: weight has NaN or infinite values")
+    return reference.nf4_quantize(w)
+
+
+def _check_nf4(t: NF4Tensor) -> None:
+    if not isinstance(t, NF4Tensor):
+        raise ValueError(f"expected an NF4Tensor, got {type(t).__name__}")
+    _check(t.packed, "packed", np.uint8, 1)
+    _check(t.absmax_q, "absmax_q", np.uint8, 1)
+    _check(t.absmax_scale, "absmax_scale", np.float32, 1)
+    nblocks = -(-t.numel // NF4_BLOCK)
+    if t.packed.size != -(-t.numel // 2) or t.absmax_q.size != nblocks:
+        raise ValueError(f"NF4 tensor of shape {t.shape} has inconsistent packed/absmax sizes")
+
+
+def nf4_dequantize(t: NF4Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """fp32 weight of an NF4 tensor, written into ``out`` (same shape) when given."""
+    _check_nf4(t)
+    if out is None:
+        out = np.empty(t.shape, np.float32)
+    elif out.shape != t.shape:
+        raise ValueError(f"out has shape {out.shape}, expected {t.shape}")
+    _check(out, "out", np.float32)
+    name = backend("nf4_dequantize")
+    if name == "reference":
+        out[...] = reference.nf4_dequantize(t)
+        return out
+    absmax = reference.dequantize_absmax(t.absmax_q, t.absmax_scale, t.absmax_offset)
+    _load(name).nf4_dequantize(t.packed, absmax, NF4_CODE, out.reshape(-1))
+    return out
+
+
+def q4_quantize(b: np.ndarray, block: int = 32, symmetric: bool = True) -> Q4Weight:
+    """Pack a (K, N) MatMul weight into ONNX Runtime's MatMulNBits 4-bit layout."""
+    if not isinstance(b, np.ndarray) or b.ndim != 2 or b.dtype.kind != "f":
+        raise ValueError("q4_quantize needs a 2-D float numpy array (K, N)")
+    if block not in Q4_BLOCK_SIZES or b.shape[0] % block:
+        raise ValueError(f"block size must be one of {Q4_BLOCK_SIZES} and divide K={b.shape[0]}")
+    if not np.isfinite(b).all():
+        raise ValueError("q4_quantize: weight has NaN or infinite values")
+    return reference.q4_quantize(b, block, symmetric)
+
+
+def _check_q4(w: Q4Weight) -> None:
+    if not isinstance(w, Q4Weight):
+        raise ValueError(f"expected a Q4Weight, got {type(w).__name__}")
+    if w.block not in Q4_BLOCK_SIZES or w.k % w.block:
+        raise ValueError(f"Q4 block size {w.block} must be one of {Q4_BLOCK_SIZES} and divide K")
+    _check(w.packed, "packed", np.uint8, 3)
+    _check(w.scales, "scales", np.float32, 2)
+    if w.packed.shape != (w.n, w.k // w.block, w.block // 2) or w.scales.shape != (w.n, w.k // w.block):
+        raise ValueError(f"Q4 weight arrays do not match K={w.k}, N={w.n}, block={w.block}")
+
+
+def q4_dequantize(w: Q4Weight) -> np.ndarray:
+    """The (K, N) fp32 weight of a MatMulNBits-packed Q4 weight."""
+    _check_q4(w)
+    name = backend("q4_dequantize_nk")
+    if name == "reference":
+        return reference.q4_dequantize(w)
+    out = np.empty((w.n, w.k), np.float32)
+    _load(name).q4_dequantize_nk(w.packed, w.scales, np.ascontiguousarray(w.zero_point_values()), out)
+    return out.T
+
+
+def q4_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
+    """y (M, N) = x (M, K) @ dequant(B), fp32 activations."""
+    _check_q4(w)
+    _check(x, "x", np.float32, 2)
+    if x.shape[1] != w.k:
+        raise ValueError(f"x has K={x.shape[1]}, weight has K={w.k}")
+    name = backend("q4_gemm")
+    if name == "reference":
+        return reference.q4_gemm(x, w)
+    out = np.empty((x.shape[0], w.n), np.float32)
+    _load(name).q4_gemm(x, w.packed, w.scales, w.zero_point_values(), out)
+    return out
+
+
+def q8_weight_quantize(b: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit MatMulNBits packing of a (K, N) weight (used for the LM head by default)."""
+    if not isinstance(b, np.ndarray) or b.ndim != 2 or b.dtype.kind != "f":
+        raise ValueError("q8_weight_quantize needs a 2-D float numpy array (K, N)")
+    if block not in Q4_BLOCK_SIZES or b.shape[0] % block:
+        raise ValueError(f"block size must be one of {Q4_BLOCK_SIZES} and divide K={b.shape[0]}")
+    return reference.q8_weight_quantize(b, block)

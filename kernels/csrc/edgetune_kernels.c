@@ -1,0 +1,130 @@
+/* NF4 and Q4 dequantization, portable and AVX2+FMA (see edgetune_kernels.h). */
+#include "edgetune_kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define ET_X86 1
+#include <immintrin.h>
+#endif
+
+int et_have_avx2(void) {
+#ifdef ET_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static void nf4_dequantize_generic(const uint8_t *packed, const float *absmax, const float *code,
+                                   float *out, size_t begin, size_t end) {
+    for (size_t i = begin; i < end; i++) {
+        uint8_t byte = packed[i >> 1];
+        uint8_t q = (i & 1) ? (byte >> 4) : (byte & 15);
+        out[i] = code[q] * absmax[i / 64];
+    }
+}
+
+#ifdef ET_X86
+/* 8 code indices (epi32, 0..15) -> 8 floats via two in-register 8-entry tables. */
+__attribute__((target("avx2,fma")))
+static inline __m256 lut16(__m256i idx, __m256 lo, __m256 hi) {
+    __m256 a = _mm256_permutevar8x32_ps(lo, idx);
+    __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+    __m256i high = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(high));
+}
+
+__attribute__((target("avx2,fma")))
+static void nf4_dequantize_avx2(const uint8_t *packed, const float *absmax, const float *code,
+                                float *out, size_t n) {
+    const __m256 lo = _mm256_loadu_ps(code), hi = _mm256_loadu_ps(code + 8);
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    size_t full = n / 64;
+    for (size_t b = 0; b < full; b++) {
+        const __m256 am = _mm256_set1_ps(absmax[b]);
+        const uint8_t *p = packed + b * 32;
+        float *o = out + b * 64;
+        for (int h = 0; h < 2; h++) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(p + 16 * h));
+            __m128i l = _mm_and_si128(bytes, mask);
+            __m128i u = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+            __m128i e0 = _mm_unpacklo_epi8(l, u); /* elements 0..15 in order */
+            __m128i e1 = _mm_unpackhi_epi8(l, u); /* elements 16..31 */
+            __m128i parts[4] = {e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)};
+            for (int j = 0; j < 4; j++) {
+                __m256i idx = _mm256_cvtepu8_epi32(parts[j]);
+                _mm256_storeu_ps(o + 32 * h + 8 * j, _mm256_mul_ps(lut16(idx, lo, hi), am));
+            }
+        }
+    }
+    nf4_dequantize_generic(packed, absmax, code, out, full * 64, n);
+}
+#endif
+
+void et_nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code,
+                       float *out, size_t n, int use_simd) {
+#ifdef ET_X86
+    if (use_simd) {
+        nf4_dequantize_avx2(packed, absmax, code, out, n);
+        return;
+    }
+#endif
+    (void)use_simd;
+    nf4_dequantize_generic(packed, absmax, code, out, 0, n);
+}
+
+static void q4_dequantize_generic(const uint8_t *packed, const float *scales, const uint8_t *zps,
+                                  float *out, size_t n_rows, size_t k, size_t block) {
+    size_t nb = k / block;
+    for (size_t r = 0; r < n_rows; r++) {
+        for (size_t b = 0; b < nb; b++) {
+            float s = scales[r * nb + b], z = (float)zps[r * nb + b];
+            const uint8_t *p = packed + (r * nb + b) * (block / 2);
+            float *o = out + r * k + b * block;
+            for (size_t j = 0; j < block / 2; j++) {
+                o[2 * j] = ((float)(p[j] & 15) - z) * s;
+                o[2 * j + 1] = ((float)(p[j] >> 4) - z) * s;
+            }
+        }
+    }
+}
+
+#ifdef ET_X86
+__attribute__((target("avx2,fma")))
+static void q4_dequantize_avx2(const uint8_t *packed, const float *scales, const uint8_t *zps,
+                               float *out, size_t n_rows, size_t k, size_t block) {
+    size_t nb = k / block;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (size_t r = 0; r < n_rows; r++) {
+        for (size_t b = 0; b < nb; b++) {
+            __m256 s = _mm256_set1_ps(scales[r * nb + b]);
+            __m256 z = _mm256_set1_ps((float)zps[r * nb + b]);
+            const uint8_t *p = packed + (r * nb + b) * (block / 2);
+            float *o = out + r * k + b * block;
+            for (size_t j = 0; j < block / 2; j += 8) { /* 8 bytes -> 16 values */
+                __m128i bytes = _mm_loadl_epi64((const __m128i *)(p + j));
+                __m128i l = _mm_and_si128(bytes, mask);
+                __m128i u = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                __m128i e = _mm_unpacklo_epi8(l, u);
+                __m256 v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e));
+                __m256 v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e, 8)));
+                /* (q - zp) * scale, in that order: bit-exact with the reference */
+                _mm256_storeu_ps(o + 2 * j, _mm256_mul_ps(_mm256_sub_ps(v0, z), s));
+                _mm256_storeu_ps(o + 2 * j + 8, _mm256_mul_ps(_mm256_sub_ps(v1, z), s));
+            }
+        }
+    }
+}
+#endif
+
+void et_q4_dequantize_nk(const uint8_t *packed, const float *scales, const uint8_t *zps,
+                         float *out, size_t n_rows, size_t k, size_t block, int use_simd) {
+#ifdef ET_X86
+    if (use_simd && block % 16 == 0) {
+        q4_dequantize_avx2(packed, scales, zps, out, n_rows, k, block);
+        return;
+    }
+#endif
+    (void)use_simd;
+    q4_dequantize_generic(packed, scales, zps, out, n_rows, k, block);
+}

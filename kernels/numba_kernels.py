@@ -1,0 +1,67 @@
+"""Numba implementations of the hot kernels (spec: ``reference.py``).
+
+Hot loops extract nibbles and do arithmetic in float32: Numba promotes small
+integers to int64, which defeats SIMD, so integer work stays out of inner loops
+and the Q4 zero point is folded into a per-block sum (Σ(q-zp)·x = Σq·x - zp·Σx).
+``cache=True`` keeps compiled code on disk so only the first import pays for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def nf4_dequantize(packed, absmax, code, out):  # pragma: no cover - compiled
+    """out[i] = code[nibble i] * absmax[i // 64]; ``packed`` low nibble first."""
+    nblocks = absmax.shape[0]
+    n = out.shape[0]
+    for b in prange(nblocks):
+        am = absmax[b]
+        start = b * 64
+        stop = min(start + 64, n)
+        for i in range(start, stop, 2):
+            byte = packed[i >> 1]
+            out[i] = code[byte & 15] * am
+            if i + 1 < stop:
+                out[i + 1] = code[byte >> 4] * am
+
+
+@njit(parallel=True, cache=True)
+def q4_dequantize_nk(packed, scales, zps, out):  # pragma: no cover - compiled
+    """out[n, k] = (q - zp) * scale for MatMulNBits blocks; out is (N, K)."""
+    n_rows, nb, half = packed.shape
+    block = half * 2
+    for r in prange(n_rows):
+        for b in range(nb):
+            s = scales[r, b]
+            z = np.float32(zps[r, b])
+            base = b * block
+            for j in range(half):
+                byte = packed[r, b, j]
+                out[r, base + 2 * j] = (np.float32(byte & 15) - z) * s
+                out[r, base + 2 * j + 1] = (np.float32(byte >> 4) - z) * s
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def q4_gemm(x, packed, scales, zps, out):  # pragma: no cover - compiled
+    """out (M, N) = x (M, K) @ dequant(B); each output column n reads its blocks once."""
+    m_rows = x.shape[0]
+    n_rows, nb, half = packed.shape
+    block = half * 2
+    for r in prange(n_rows):
+        for m in range(m_rows):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                base = b * block
+                dot = np.float32(0.0)
+                xsum = np.float32(0.0)
+                for j in range(half):
+                    byte = packed[r, b, j]
+                    x0 = x[m, base + 2 * j]
+                    x1 = x[m, base + 2 * j + 1]
+                    dot += np.float32(byte & 15) * x0 + np.float32(byte >> 4) * x1
+                    xsum += x0 + x1
+                acc += (dot - np.float32(zps[r, b]) * xsum) * scales[r, b]
+            out[m, r] = acc

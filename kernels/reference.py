@@ -1,0 +1,299 @@
+"""Readable numpy specification of every edgetune kernel.
+
+This file is the spec: the Numba and Cython/C kernels are tested against it.
+Nothing here is fast; everything here is meant to be read.
+
+Formats (see DESIGN.md, "Quantized formats"):
+
+* NF4 (QLoRA base weights): 16-value normal-float code book (bitsandbytes'
+  values, index 7 is 0.0), blocks of 64 along the flattened weight, fp32 absmax
+  per block; double quantization stores those absmax values as 8-bit codes of
+  bitsandbytes' signed dynamic map, in blocks of 256, after subtracting their
+  mean. Nibbles are packed low-first (element 2i in the low nibble).
+* Q4 block (export, native runtime): ONNX Runtime ``MatMulNBits`` layout for a
+  MatMul ``y = x @ B`` with ``B`` of shape (K, N): ``packed`` uint8
+  (N, K/block, block/2), element k of a block in the low nibble when k is even;
+  ``scales`` fp32 (N, K/block); optional ``zero_points`` uint8
+  (N, ceil((K/block)/2)) packed low-first, default 8 (symmetric).
+* Q8 activations: per-block symmetric int8, one fp32 scale per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# NF4
+
+#: bitsandbytes' NF4 code book (QLoRA, appendix E); index 7 is exactly 0.0.
+NF4_CODE = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=np.float32,
+)
+NF4_BLOCK = 64
+ABSMAX_BLOCK = 256
+
+
+def dynamic_map_signed() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic (tree) code, 256 sorted fp32 values.
+
+    Used for double quantization of the NF4 absmax values. Seven exponent
+    levels 10^-6 … 10^0, each split into 2^i linear fractions between 0.1 and
+    1, both signs, plus 0 and 1.
+    """
+    values: list[float] = []
+    for i in range(7):
+        bounds = np.linspace(0.1, 1.0, 2**i + 1)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += list(10.0 ** (-6 + i) * means)
+        values += list(-(10.0 ** (-6 + i)) * means)
+    values += [0.0, 1.0]
+    assert len(values) == 256
+    return np.sort(np.array(values, dtype=np.float32))
+
+
+DYNAMIC_MAP = dynamic_map_signed()
+
+
+@dataclass(frozen=True)
+class NF4Tensor:
+    """An NF4-quantized tensor with double-quantized absmax (QLoRA's storage)."""
+
+    packed: np.ndarray  # uint8 (ceil(n/2),): two codes a byte, low nibble first
+    absmax_q: np.ndarray  # uint8 (nblocks,): index into DYNAMIC_MAP
+    absmax_scale: np.ndarray  # float32 (ceil(nblocks/256),): absmax of each absmax block
+    absmax_offset: float  # mean of the fp32 absmax values, subtracted before quantizing
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.absmax_q.nbytes + self.absmax_scale.nbytes + 4
+
+    def __post_init__(self) -> None:
+        nblocks = -(-self.numel // NF4_BLOCK)
+        assert self.packed.shape == (-(-self.numel // 2),) and self.packed.dtype == np.uint8
+        assert self.absmax_q.shape == (nblocks,) and self.absmax_q.dtype == np.uint8
+        assert self.absmax_scale.shape == (-(-nblocks // ABSMAX_BLOCK),)
+
+
+def nearest_code(x: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Index of the nearest entry of a sorted code book for each value (ties go low)."""
+    mid = (code[:-1] + code[1:]) / 2.0
+    return np.searchsorted(mid, x, side="left").astype(np.uint8)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Pack 4-bit codes two a byte, element 2i in the low nibble."""
+    codes = codes.astype(np.uint8).reshape(-1)
+    if codes.size % 2:
+        codes = np.concatenate([codes, np.zeros(1, np.uint8)])
+    return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: the first ``n`` 4-bit codes."""
+    out = np.empty(packed.size * 2, np.uint8)
+    out[0::2] = packed & 0x0F
+    out[1::2] = packed >> 4
+    return out[:n]
+
+
+def blockwise_absmax(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad the flattened ``x`` to whole blocks; return (blocks, absmax per block)."""
+    flat = x.astype(np.float32).reshape(-1)
+    pad = (-flat.size) % block
+    blocks = np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, block)
+    return blocks, np.abs(blocks).max(axis=1)
+
+
+def quantize_absmax(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Double quantization: (absmax - mean) as 8-bit dynamic codes in blocks of 256."""
+    offset = float(absmax.mean())
+    blocks, scale = blockwise_absmax(absmax - offset, ABSMAX_BLOCK)
+    safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = nearest_code(blocks / safe[:, None], DYNAMIC_MAP).reshape(-1)[: absmax.size]
+    return q, scale.astype(np.float32), offset
+
+
+def dequantize_absmax(q: np.ndarray, scale: np.ndarray, offset: float) -> np.ndarray:
+    """fp32 absmax per NF4 block from its double-quantized form."""
+    idx = np.arange(q.size) // ABSMAX_BLOCK
+    return (DYNAMIC_MAP[q] * scale[idx] + np.float32(offset)).astype(np.float32)
+
+
+def nf4_quantize(w: np.ndarray) -> NF4Tensor:
+    """Quantize a float tensor to NF4 with double quantization (QLoRA)."""
+    blocks, absmax = blockwise_absmax(w, NF4_BLOCK)
+    safe = np.where(absmax == 0, 1.0, absmax)
+    codes = nearest_code(blocks / safe[:, None], NF4_CODE).reshape(-1)[: w.size]
+    absmax_q, absmax_scale, offset = quantize_absmax(absmax)
+    return NF4Tensor(pack_nibbles(codes), absmax_q, absmax_scale, offset, tuple(w.shape))
+
+
+def nf4_dequantize(t: NF4Tensor) -> np.ndarray:
+    """fp32 tensor that an NF4 tensor stands for: code value × dequantized block absmax."""
+    codes = unpack_nibbles(t.packed, t.numel)
+    absmax = dequantize_absmax(t.absmax_q, t.absmax_scale, t.absmax_offset)
+    values = NF4_CODE[codes] * absmax[np.arange(t.numel) // NF4_BLOCK]
+    return values.astype(np.float32).reshape(t.shape)
+
+
+def nf4_gemv(x: np.ndarray, t: NF4Tensor) -> np.ndarray:
+    """y = x @ W.T for an NF4 weight W of shape (N, K) (PyTorch Linear layout); x (M, K)."""
+    return (x.astype(np.float32) @ nf4_dequantize(t).T).astype(np.float32)
+
+
+def bnb_nf4_to_edgetune(packed_bnb: np.ndarray) -> np.ndarray:
+    """Convert bitsandbytes' packing (first element in the high nibble) to ours (low first)."""
+    p = packed_bnb.astype(np.uint8)
+    return ((p >> 4) | ((p & 0x0F) << 4)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4 block (ONNX Runtime MatMulNBits)
+
+Q4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Q4Weight:
+    """A (K, N) MatMul weight in ONNX Runtime's MatMulNBits 4-bit layout."""
+
+    packed: np.ndarray  # uint8 (N, K/block, block/2)
+    scales: np.ndarray  # float32 (N, K/block)
+    zero_points: np.ndarray | None  # uint8 (N, ceil((K/block)/2)), or None for symmetric (8)
+    k: int
+    n: int
+    block: int
+
+    def __post_init__(self) -> None:
+        nb = self.k // self.block
+        assert self.packed.shape == (self.n, nb, self.block // 2) and self.packed.dtype == np.uint8
+        assert self.scales.shape == (self.n, nb) and self.scales.dtype == np.float32
+        if self.zero_points is not None:
+            assert self.zero_points.shape == (self.n, -(-nb // 2))
+
+    def zero_point_values(self) -> np.ndarray:
+        """Zero point of every block, (N, K/block) uint8."""
+        nb = self.k // self.block
+        if self.zero_points is None:
+            return np.full((self.n, nb), 8, np.uint8)
+        return np.stack([unpack_nibbles(row, nb) for row in self.zero_points])
+
+    @property
+    def nbytes(self) -> int:
+        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        return self.packed.nbytes + self.scales.nbytes + zp
+
+
+def q4_quantize(b: np.ndarray, block: int = 32, symmetric: bool = True) -> Q4Weight:
+    """Round-to-nearest 4-bit block quantization of a (K, N) MatMul weight.
+
+    Symmetric follows ONNX Runtime's quantizer: the value of largest magnitude
+    in a block maps to code 0 (scale = that value / -8), zero point 8.
+    Asymmetric spans [min(x, 0), max(x, 0)] with 15 steps and a rounded zero point.
+    """
+    k, n = b.shape
+    if block not in Q4_BLOCK_SIZES or k % block:
+        raise ValueError(f"block must be one of {Q4_BLOCK_SIZES} and divide K={k}, got {block}")
+    blocks = np.ascontiguousarray(b.astype(np.float32).T).reshape(n, k // block, block)  # (N, nb, block)
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=2)[..., None]
+        vmax = np.take_along_axis(blocks, idx, axis=2)[..., 0]
+        scales = (vmax / -8.0).astype(np.float32)
+        zp = np.full(scales.shape, 8.0, np.float32)
+    else:
+        vmin = np.minimum(blocks.min(axis=2), 0.0)
+        vmax = np.maximum(blocks.max(axis=2), 0.0)
+        scales = ((vmax - vmin) / 15.0).astype(np.float32)
+        safe = np.where(scales == 0, 1.0, scales)
+        zp = np.clip(np.round(-vmin / safe), 0, 15).astype(np.float32)
+    inv = np.where(scales == 0, 0.0, 1.0 / np.where(scales == 0, 1.0, scales)).astype(np.float32)
+    q = np.clip(np.round(blocks * inv[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
+    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4), dtype=np.uint8)
+    scales = np.ascontiguousarray(scales)
+    zero_points = None
+    if not symmetric:
+        zero_points = np.stack([pack_nibbles(row) for row in zp.astype(np.uint8)])
+    return Q4Weight(packed, scales, zero_points, k, n, block)
+
+
+def q4_dequantize(w: Q4Weight) -> np.ndarray:
+    """The (K, N) fp32 weight a Q4Weight stands for: (q - zero_point) × scale."""
+    q = np.empty((w.n, w.k // w.block, w.block), np.float32)
+    q[..., 0::2] = w.packed & 0x0F
+    q[..., 1::2] = w.packed >> 4
+    zp = w.zero_point_values().astype(np.float32)
+    return ((q - zp[..., None]) * w.scales[..., None]).reshape(w.n, w.k).T.copy()
+
+
+def q4_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
+    """y = x @ dequant(B) for activations x (M, K) in fp32."""
+    return (x.astype(np.float32) @ q4_dequantize(w)).astype(np.float32)
+
+
+def q8_quantize(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block symmetric int8 of activations (M, K): codes (M, K) int8, scales (M, K/block)."""
+    m, k = x.shape
+    blocks = x.astype(np.float32).reshape(m, k // block, block)
+    scales = (np.abs(blocks).max(axis=2) / 127.0).astype(np.float32)
+    inv = np.where(scales == 0, 0.0, 1.0 / np.where(scales == 0, 1.0, scales)).astype(np.float32)
+    q = np.clip(np.round(blocks * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(m, k), scales
+
+
+def q4q8_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
+    """Integer-datapath y = x @ B: int32 block sums of (q - zp) × xq, then × both scales."""
+    xq, xs = q8_quantize(x, w.block)
+    m = x.shape[0]
+    nb = w.k // w.block
+    q = np.empty((w.n, nb, w.block), np.int32)
+    q[..., 0::2] = w.packed & 0x0F
+    q[..., 1::2] = w.packed >> 4
+    q -= w.zero_point_values().astype(np.int32)[..., None]
+    xb = xq.reshape(m, nb, w.block).astype(np.int32)
+    sums = np.einsum("mbk,nbk->mnb", xb, q)  # (M, N, nb) int32 block sums
+    return (sums.astype(np.float32) * xs[:, None, :] * w.scales[None, :, :]).sum(axis=2)
+
+
+def q4_0_to_q4(qs: np.ndarray, d: np.ndarray) -> Q4Weight:
+    """Convert llama.cpp Q4_0 blocks of a (N, K) weight into MatMulNBits layout.
+
+    Q4_0: 32 values a block, one fp16 scale ``d``, 16 bytes where byte j holds
+    element j (low nibble) and element j+16 (high nibble); value = (q - 8) × d.
+    ``qs`` is uint8 (N, K/32, 16) and ``d`` float16 (N, K/32).
+    """
+    lo = qs & 0x0F
+    hi = qs >> 4
+    q = np.concatenate([lo, hi], axis=2)  # (N, nb, 32) in element order
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    n, nb, _ = qs.shape
+    return Q4Weight(packed, d.astype(np.float32), None, nb * 32, n, 32)
+
+
+def q8_weight_quantize(b: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit MatMulNBits layout of a (K, N) weight: codes uint8 (N, K/block, block) with the
+    default zero point 128, scales fp32 (N, K/block); value = (q - 128) × scale."""
+    k, n = b.shape
+    blocks = np.ascontiguousarray(b.astype(np.float32).T).reshape(n, k // block, block)
+    scales = (np.abs(blocks).max(axis=2) / 127.0).astype(np.float32)
+    inv = np.where(scales == 0, 0.0, 1.0 / np.where(scales == 0, 1.0, scales)).astype(np.float32)
+    q = (np.clip(np.round(blocks * inv[..., None]), -127, 127) + 128).astype(np.uint8)
+    return q, scales
+
+
+def q8_weight_dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The (K, N) fp32 weight of :func:`q8_weight_quantize`'s output."""
+    n, nb, block = q.shape
+    return ((q.astype(np.float32) - 128.0) * scales[..., None]).reshape(n, nb * block).T.copy()

@@ -1,0 +1,196 @@
+"""Fast kernels against the numpy reference, hand-built golden blocks, and ONNX Runtime."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgetune import kernels
+from edgetune.kernels import reference as ref
+
+FAST = [b for b in ("cython", "numba") if b in kernels.available_backends()]
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    def set_backend(name):
+        monkeypatch.setenv("EDGETUNE_KERNELS", name)
+    return set_backend
+
+
+def test_all_backends_built():
+    # both compiled implementations are real, shipped and importable
+    assert kernels.available_backends() == ["cython", "numba", "reference"]
+
+
+def test_nf4_code_book_is_bitsandbytes():
+    assert ref.NF4_CODE.shape == (16,) and ref.NF4_CODE[7] == 0.0
+    assert ref.NF4_CODE[0] == -1.0 and ref.NF4_CODE[15] == 1.0
+    assert ref.NF4_CODE[8] == np.float32(0.07958029955625534)
+    assert np.all(np.diff(ref.NF4_CODE) > 0)
+
+
+def test_dynamic_map_matches_bitsandbytes_values():
+    # bitsandbytes create_dynamic_map(signed=True): 127 negatives, 0, 127 positives, 1.0
+    m = ref.DYNAMIC_MAP
+    assert m.shape == (256,) and np.all(np.diff(m) > 0)
+    assert m[127] == 0.0 and m[255] == 1.0
+    assert m[0] == np.float32(-0.99296875)  # -(1 - 0.9 / 128): mean of the top fraction bin
+    assert m[128] == np.float32(5.5e-7)  # 10^-6 x mean(0.1, 1)
+    assert m[254] == np.float32(0.99296875)
+
+
+def test_nf4_golden_block_is_exact():
+    # a block holding every code value times 2: codes are the indices, absmax 2 survives
+    # double quantization exactly (one block: offset = 2, residual 0)
+    block = np.tile(ref.NF4_CODE * 2.0, 4).astype(np.float32)
+    t = ref.nf4_quantize(block)
+    assert list(ref.unpack_nibbles(t.packed, 16)) == list(range(16))
+    assert t.packed[0] == 0x10  # element 0 (code 0) low nibble, element 1 (code 1) high nibble
+    np.testing.assert_array_equal(ref.nf4_dequantize(t), block)
+
+
+def test_bitsandbytes_nibble_order_converts_losslessly():
+    codes = np.random.default_rng(0).integers(0, 16, 128).astype(np.uint8)
+    ours = ref.pack_nibbles(codes)
+    bnb = (codes[0::2] << 4) | codes[1::2]  # bitsandbytes: first element in the high nibble
+    np.testing.assert_array_equal(ref.bnb_nf4_to_edgetune(bnb.astype(np.uint8)), ours)
+
+
+def test_nf4_storage_is_under_014_of_fp32():
+    w = np.random.default_rng(0).standard_normal((256, 640)).astype(np.float32)
+    t = kernels.nf4_quantize(w)
+    assert t.nbytes <= 0.14 * w.nbytes
+
+
+def test_nf4_error_bound():
+    # NF4 of a normal weight: every value within half the widest code gap of its block absmax
+    w = np.random.default_rng(1).standard_normal(64 * 50).astype(np.float32)
+    t = kernels.nf4_quantize(w)
+    d = ref.nf4_dequantize(t)
+    absmax = np.abs(w.reshape(-1, 64)).max(axis=1).repeat(64)
+    assert np.all(np.abs(d - w) <= absmax * (np.diff(ref.NF4_CODE).max() / 2 + 0.01))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.sampled_from([2, 6, 64, 100, 320]), seed=st.integers(0, 99))
+def test_nf4_dequantize_bit_exact(backend, rows, cols, seed):
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    t = kernels.nf4_quantize(w)
+    os.environ["EDGETUNE_KERNELS"] = backend
+    try:
+        got = kernels.nf4_dequantize(t)
+    finally:
+        del os.environ["EDGETUNE_KERNELS"]
+    np.testing.assert_array_equal(got, ref.nf4_dequantize(t))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@settings(max_examples=25, deadline=None)
+@given(block=st.sampled_from(kernels.Q4_BLOCK_SIZES), kb=st.integers(1, 4), n=st.integers(1, 48),
+       symmetric=st.booleans(), seed=st.integers(0, 99))
+def test_q4_dequantize_bit_exact(backend, block, kb, n, symmetric, seed):
+    b = np.random.default_rng(seed).standard_normal((block * kb, n)).astype(np.float32)
+    q = kernels.q4_quantize(b, block, symmetric)
+    os.environ["EDGETUNE_KERNELS"] = backend
+    try:
+        got = kernels.q4_dequantize(q)
+    finally:
+        del os.environ["EDGETUNE_KERNELS"]
+    np.testing.assert_array_equal(got, ref.q4_dequantize(q))
+
+
+def test_q4_golden_block():
+    # symmetric: the largest-magnitude value maps to code 0 (scale = v / -8)
+    col = np.array([-8, -4, 0, 4, 7, 1, 2, 3] * 2, np.float32)
+    q = ref.q4_quantize(col[:, None], block=16)
+    assert q.scales[0, 0] == 1.0
+    assert q.packed[0, 0, 0] == (0 | (4 << 4))  # codes 0 and 4: low nibble first
+    np.testing.assert_array_equal(ref.q4_dequantize(q)[:, 0], col)
+
+
+def test_q4_gemm_numba_within_bound(use_backend):
+    rng = np.random.default_rng(3)
+    b = rng.standard_normal((256, 96)).astype(np.float32)
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    q = kernels.q4_quantize(b, 32)
+    use_backend("numba")
+    got = kernels.q4_gemm(x, q)
+    want = ref.q4_gemm(x, q)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("block", [16, 32, 128])
+def test_q4_packing_runs_in_onnxruntime_matmulnbits(symmetric, block):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(block)
+    k, n = 256, 40
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    q = kernels.q4_quantize(b, block, symmetric)
+    inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales.reshape(-1), "S")]
+    names = ["A", "B", "S"]
+    if q.zero_points is not None:
+        inits.append(numpy_helper.from_array(q.zero_points.reshape(-1), "Z"))
+        names.append("Z")
+    node = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got = sess.run(None, {"A": x})[0]
+    want = ref.q4_gemm(x, q)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_q4q8_integer_gemm_close_to_float():
+    rng = np.random.default_rng(4)
+    b = rng.standard_normal((128, 16)).astype(np.float32)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    q = ref.q4_quantize(b, 32)
+    got, want = ref.q4q8_gemm(x, q), ref.q4_gemm(x, q)
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_q4_0_conversion_keeps_values():
+    rng = np.random.default_rng(5)
+    qs = rng.integers(0, 256, (4, 2, 16)).astype(np.uint8)
+    d = rng.standard_normal((4, 2)).astype(np.float16)
+    w = ref.q4_0_to_q4(qs, d)
+    # llama.cpp Q4_0: element j in the low nibble of byte j, element j+16 in its high nibble
+    vals = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.float32) - 8
+    want = (vals * d.astype(np.float32)[..., None]).reshape(4, 64).T
+    np.testing.assert_array_equal(ref.q4_dequantize(w), want)
+
+
+def test_boundary_checks_raise_value_error(use_backend):
+    good = kernels.q4_quantize(np.ones((64, 4), np.float32), 32)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.q4_gemm(np.ones((1, 64), np.float64), good)
+    with pytest.raises(ValueError, match="K=32"):
+        kernels.q4_gemm(np.ones((1, 32), np.float32), good)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.q4_gemm(np.ones((64, 2), np.float32).T, good)
+    with pytest.raises(ValueError, match="block"):
+        kernels.q4_quantize(np.ones((48, 4), np.float32), 32)
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.nf4_quantize(np.array([np.nan, 1.0], np.float32))
+    t = kernels.nf4_quantize(np.ones(128, np.float32))
+    broken = kernels.NF4Tensor.__new__(kernels.NF4Tensor)
+    object.__setattr__(broken, "packed", t.packed[:10])
+    for f in ("absmax_q", "absmax_scale", "absmax_offset", "shape"):
+        object.__setattr__(broken, f, getattr(t, f))
+    use_backend("cython")
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels.nf4_dequantize(broken)
+    use_backend("fortran")
+    with pytest.raises(ValueError, match="EDGETUNE_KERNELS"):
+        kernels.nf4_dequantize(t)
