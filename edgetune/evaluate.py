@@ -76,7 +76,7 @@ def evaluate_bundle(model, examples: list[Example], max_new_tokens: int = 64) ->
         out = list(model.generate_ids(p_ids, cfg))
         speeds.append(model.last_stats["decode_tokens_per_s"])
         hits += answers_match(model.decode(out), ref)
-        a_ids = model.tokenizer.encode(ref, add_special_tokens=False).ids + sorted(model.eos_ids)[:1]
+        a_ids = model.tokenizer.encode(ref, add_special_tokens=False).ids + model.eos_ids[:1]
         logits, _ = model.decoder.forward(np.array([p_ids + a_ids], np.int64))
         nll += _nll(logits[0, len(p_ids) - 1:-1], a_ids)
         count += len(a_ids)
@@ -105,7 +105,7 @@ def evaluate_torch(model, tokenizer, examples: list[Example], max_new_tokens: in
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
             enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+                            add_special_tokens=False, return_token_type_ids=False)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
             for (_, ref), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
@@ -118,7 +118,8 @@ def evaluate_torch(model, tokenizer, examples: list[Example], max_new_tokens: in
             count += len(a_ids)
         speeds = []
         for prompt, _ in pairs[:speed_examples]:
-            enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False,
+                            return_token_type_ids=False)
             t0 = time.perf_counter()
             out = model.generate(**enc, max_new_tokens=32, min_new_tokens=32, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)

@@ -2,9 +2,9 @@
 
     python examples/pretrain_tiny_model.py --minutes 15 --out edgetune/assets/tiny-phi3
 
-The corpus is the docstrings of the Python standard library that runs this
+The corpus is the docstrings and comments of the Python standard library that runs this
 script (every Python install ships it), so anyone can rebuild the model
-without a network. Steps: collect docstrings -> train a byte-level BPE
+without a network. Steps: collect docstrings and comments -> train a byte-level BPE
 tokenizer -> train a ~3.8M-parameter Phi3ForCausalLM on packed 256-token
 windows -> save fp16 safetensors (under 10 MB) plus tokenizer files.
 
@@ -40,8 +40,22 @@ CHAT_TEMPLATE = (
 )
 
 
+def _comment_paragraphs(source: str) -> list[str]:
+    """Runs of consecutive ``#`` comment lines, joined into paragraphs."""
+    paras, current = [], []
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and not stripped.startswith("#!"):
+            current.append(stripped.lstrip("#").strip())
+        elif current:
+            paras.append(" ".join(current))
+            current = []
+    return [p for p in paras if len(p) > 60]
+
+
 def stdlib_docstrings() -> list[str]:
-    """Every module, class and function docstring of the standard library, in a fixed order."""
+    """Every module, class and function docstring of the standard library, and its comment
+    paragraphs, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
     docs: list[str] = []
@@ -51,9 +65,11 @@ def stdlib_docstrings() -> list[str]:
             if not name.endswith(".py"):
                 continue
             try:
-                tree = ast.parse(Path(dirpath, name).read_text(encoding="utf-8"))
+                source = Path(dirpath, name).read_text(encoding="utf-8")
+                tree = ast.parse(source)
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
+            docs.extend(_comment_paragraphs(source))
             for node in ast.walk(tree):
                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                     doc = ast.get_docstring(node)

@@ -49,7 +49,7 @@ class Model:
         self.backend = backend
         tok = manifest["tokenizer"]
         self.tokenizer = Tokenizer.from_file(str(path / tok["file"]))
-        self.eos_ids = set(tok.get("eos_token_ids") or [])
+        self.eos_ids: list[int] = list(tok.get("eos_token_ids") or [])  # first: the model's own
         self.context_length = int(manifest["decoder"]["context_length"])
         self._template = tok.get("chat_template")
         self.last_stats: dict[str, float] = {}
@@ -105,6 +105,7 @@ class Model:
             raise PromptError(f"prompt has {len(prompt_ids)} tokens; the model's context is "
                               f"{self.context_length}")
         rng = np.random.default_rng(cfg.seed)
+        eos = set(self.eos_ids)
         budget = min(cfg.max_new_tokens, self.context_length - len(prompt_ids))
         context = list(prompt_ids)
         t0 = time.perf_counter()
@@ -114,7 +115,7 @@ class Model:
         try:
             for n in range(1, budget + 1):
                 nxt = select(logits[0, -1], context, cfg, rng)
-                if nxt in self.eos_ids:
+                if nxt in eos:
                     break
                 context.append(nxt)
                 yield nxt
