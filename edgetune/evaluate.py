@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .data import Example, load_examples
 from .errors import DataError
@@ -64,13 +65,14 @@ def _nll(logits: np.ndarray, targets: list[int]) -> float:
 # -- bundles (torch-free) -------------------------------------------------------------------
 
 
-def evaluate_bundle(model, examples: list[Example], max_new_tokens: int = 64) -> EvalResult:
+def evaluate_bundle(model, examples: list[Example], max_new_tokens: int = 64,
+                    desc: str = "eval bundle") -> EvalResult:
     """Score a loaded ``edgetune.runtime.Model``."""
     from .runtime.sampling import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens)
     hits, nll, count, speeds = 0, 0.0, 0, []
-    for ex in examples:
+    for ex in tqdm(examples, desc=desc, unit="ex", disable=None, leave=False):
         prompt, ref = split_example(ex, model.render_chat)
         p_ids = model.encode(prompt)
         out = list(model.generate_ids(p_ids, cfg))
@@ -88,7 +90,8 @@ def evaluate_bundle(model, examples: list[Example], max_new_tokens: int = 64) ->
 
 
 def evaluate_torch(model, tokenizer, examples: list[Example], max_new_tokens: int = 64,
-                   batch_size: int = 32, speed_examples: int = 4) -> EvalResult:
+                   batch_size: int = 32, speed_examples: int = 4,
+                   desc: str = "eval torch") -> EvalResult:
     """Score a PyTorch causal LM (plain or PEFT-wrapped): batched greedy decoding for
     accuracy, batch-1 decoding on a few examples for speed."""
     import torch
@@ -102,7 +105,8 @@ def evaluate_torch(model, tokenizer, examples: list[Example], max_new_tokens: in
     hits, nll, count = 0, 0.0, 0
     tokenizer.padding_side = "left"
     with torch.no_grad():
-        for i in range(0, len(pairs), batch_size):
+        for i in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", disable=None,
+                      leave=False):
             chunk = pairs[i:i + batch_size]
             enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=False, return_token_type_ids=False)

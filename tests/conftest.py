@@ -1,4 +1,5 @@
-"""Shared fixtures: the shipped tiny model and one quickstart run reused by stage tests."""
+"""Shared fixtures. One real quickstart run (train -> merge -> export) serves every stage
+test that needs a trained model or a bundle, so the suite trains once."""
 
 import os
 
@@ -22,31 +23,32 @@ def tiny_tokenizer(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def task_data(tmp_path_factory):
-    """The bundled smart-home task, small: (train.jsonl, heldout.jsonl)."""
-    from edgetune.data import smart_home
+def quickstart_run(tmp_path_factory):
+    """``edgetune quickstart`` with its default settings: (table rows, output dir)."""
+    from edgetune.quickstart import QuickstartConfig, quickstart
 
-    return smart_home.generate(tmp_path_factory.mktemp("data"), n_train=400, n_heldout=40, seed=0)
-
-
-@pytest.fixture(scope="session")
-def merged_model(tiny_model, task_data, tmp_path_factory):
-    """A short QLoRA fine-tune of the tiny model, merged: a real trained model for export tests."""
-    from edgetune.merge import merge
-    from edgetune.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("pipeline")
-    cfg = TrainConfig(model=str(tiny_model), data=str(task_data[0]), out=str(root / "run"),
-                      max_steps=30, batch_size=8, lr=3e-3, rank=8, alpha=16, seq_len=128,
-                      save_every=1000)
-    run = train(cfg, progress=False)
-    return merge(tiny_model, run / "adapter", root / "merged")
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    rows = quickstart(QuickstartConfig(out=str(out)), log=lambda s: None)
+    return rows, out
 
 
 @pytest.fixture(scope="session")
-def int4_bundle(merged_model, task_data, tmp_path_factory):
-    from edgetune.export import ExportConfig, export
+def task_data(quickstart_run):
+    """The bundled smart-home task as the quickstart generated it: (train, heldout)."""
+    out = quickstart_run[1]
+    return out / "data" / "train.jsonl", out / "data" / "heldout.jsonl"
 
-    out = tmp_path_factory.mktemp("bundles") / "int4"
-    return export(merged_model, out, ExportConfig(quant="int4", eval_data=str(task_data[1])),
-                  log=lambda s: None)
+
+@pytest.fixture(scope="session")
+def merged_model(quickstart_run):
+    return quickstart_run[1] / "merged"
+
+
+@pytest.fixture(scope="session")
+def int4_bundle(quickstart_run):
+    return quickstart_run[1] / "bundle"
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(quickstart_run):
+    return quickstart_run[1] / "bundle-fp32"

@@ -17,8 +17,6 @@ from pathlib import Path
 
 from .jsonl import write_jsonl
 
-SYSTEM = "Turn the command into one JSON action."
-
 ROOMS = ["kitchen", "living room", "bedroom", "bathroom", "office", "garage", "hallway",
          "dining room", "basement", "porch"]
 
@@ -91,7 +89,6 @@ def make_example(rng: random.Random, device: str, action: str, room: str) -> dic
     if rng.random() < 0.3:
         command = rng.choice(["please ", "could you ", "hey, "]) + command
     return {"messages": [
-        {"role": "system", "content": SYSTEM},
         {"role": "user", "content": command},
         {"role": "assistant", "content": json.dumps(answer)},
     ]}

@@ -17,9 +17,16 @@ from ..data import smart_home
 from ..runtime.ort_backend import OrtDecoder
 
 
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The chat as the model sees it; plain "role: content" lines for a model without a template."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
 def render(tokenizer, ex) -> str:
     if ex.kind == "messages":
-        return tokenizer.apply_chat_template(ex.as_chat(), tokenize=False)
+        return render_chat(tokenizer, ex.as_chat())
     if ex.kind == "prompt":
         return ex.prompt + ex.completion
     return ex.text
@@ -36,7 +43,7 @@ def eval_texts(tokenizer, eval_data: str | None, limit: int = 64) -> list[str]:
     rng = random.Random(1)
     _, heldout = smart_home.split_combinations(seed=0)
     exs = [smart_home.make_example(rng, *rng.choice(heldout)) for _ in range(limit)]
-    return [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in exs]
+    return [render_chat(tokenizer, e["messages"]) for e in exs]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,72 @@
+"""The torch-free runtime: same greedy tokens as PyTorch, seeded sampling, clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from edgetune.errors import ConfigError
+from edgetune.runtime import Model, PromptError
+
+
+def test_runtime_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; import edgetune.runtime, edgetune.kernels; "
+            "assert 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_greedy_tokens_equal_pytorch(fp32_bundle, merged_model, tiny_tokenizer):
+    import torch
+
+    from edgetune.models import load_model
+
+    m = Model.load(fp32_bundle, threads=1)
+    msgs = [{"role": "user", "content": "dim the office lights to 40% at 7pm"}]
+    prompt = m.render_chat(msgs)
+    assert prompt == tiny_tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                        add_generation_prompt=True)
+    ids = m.encode(prompt)
+    from edgetune.runtime import SamplingConfig
+
+    ours = list(m.generate_ids(ids, SamplingConfig(max_new_tokens=24)))
+    model = load_model(merged_model).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                             eos_token_id=m.eos_ids, pad_token_id=0)[0, len(ids):].tolist()
+    if out and out[-1] in m.eos_ids:
+        out = out[:-1]
+    assert ours == out
+
+
+def test_stream_equals_generate_and_sampling_is_seeded(int4_bundle):
+    m = Model.load(int4_bundle)
+    prompt = m.render_chat([{"role": "user", "content": "lock the garage door"}])
+    assert "".join(m.stream(prompt, max_new_tokens=20)) == m.generate(prompt, max_new_tokens=20)
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    first = m.generate("The function returns", **kw)
+    assert first == m.generate("The function returns", **kw)
+    others = {m.generate("The function returns", **{**kw, "seed": s}) for s in range(4)}
+    assert len(others) > 1
+
+
+def test_stop_strings_cut_the_text(int4_bundle):
+    m = Model.load(int4_bundle)
+    prompt = m.render_chat([{"role": "user", "content": "turn on the kitchen lights"}])
+    full = m.generate(prompt, max_new_tokens=30)
+    assert '"room"' in full
+    cut = m.generate(prompt, max_new_tokens=30, stop=('"room"',))
+    assert cut == full[:full.index('"room"')]
+
+
+def test_bad_prompts_fail_clearly(int4_bundle):
+    m = Model.load(int4_bundle)
+    with pytest.raises(PromptError, match="empty"):
+        m.generate("   ")
+    with pytest.raises(PromptError, match="UTF-8"):
+        m.generate(b"\xff\xfe bad")
+    with pytest.raises(PromptError, match="context"):
+        m.generate("word " * 2000)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        m.generate("hello", max_new_tokens=0)
+    with pytest.raises(ConfigError, match="backend"):
+        Model.load(int4_bundle, backend="cuda")
