@@ -14,7 +14,7 @@ STAMP := $(VENV)/.edgetune-installed
 
 .PHONY: quickstart test clean
 
-$(STAMP): pyproject.toml setup.py kernels/csrc/edgetune_kernels.c kernels/_ckernels.pyx
+$(STAMP): pyproject.toml setup.py kernels/csrc/*.c kernels/csrc/*.h kernels/_ckernels.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"

@@ -10,9 +10,10 @@ from setuptools import Extension, setup
 
 ext = Extension(
     "edgetune.kernels._ckernels",
-    sources=["kernels/_ckernels.pyx", "kernels/csrc/edgetune_kernels.c"],
+    sources=["kernels/_ckernels.pyx", "kernels/csrc/edgetune_kernels.c", "kernels/csrc/gemm.c"],
     include_dirs=["kernels/csrc", np.get_include()],
-    extra_compile_args=["-O3", "-std=c11"],
+    extra_compile_args=["-O3", "-std=c11", "-fopenmp"],
+    extra_link_args=["-fopenmp"],
 )
 
 setup(ext_modules=cythonize([ext], compiler_directives={"language_level": 3}))

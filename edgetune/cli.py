@@ -129,6 +129,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.kernels import bench, format_results
+
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    results = bench(quick=args.quick, log=log)
+    if args.json:
+        print(json.dumps({"benchmark": args.what, "results": [r.as_dict() for r in results]}))
+    else:
+        print(format_results(results))
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from .quickstart import QuickstartConfig, quickstart
 
@@ -210,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="benchmarks against baselines run in the same process",
+                       description="kernels: Q4 GEMV/GEMM (fp32 and int8 activations) and "
+                       "dequantization vs ONNX Runtime MatMulNBits, with the memory bandwidth "
+                       "measured in the same run.")
+    p.add_argument("what", choices=("kernels",))
+    p.add_argument("--json", action="store_true", help="one JSON object with a results list")
+    p.add_argument("--quick", action="store_true", help="one shape, batch 1, 2 threads")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -19,7 +19,7 @@ from .reference import NF4_BLOCK, NF4_CODE, Q4_BLOCK_SIZES, NF4Tensor, Q4Weight
 __all__ = [
     "NF4Tensor", "Q4Weight", "NF4_CODE", "NF4_BLOCK", "Q4_BLOCK_SIZES", "backend",
     "available_backends", "nf4_quantize", "nf4_dequantize", "q4_quantize", "q4_dequantize",
-    "q4_gemm", "q8_weight_quantize", "reference",
+    "q4_gemm", "q4q8_gemm", "q8_weight_quantize", "reference",
 ]
 
 BACKENDS = ("cython", "numba", "reference")
@@ -142,12 +142,16 @@ def q4_dequantize(w: Q4Weight) -> np.ndarray:
     if name == "reference":
         return reference.q4_dequantize(w)
     out = np.empty((w.n, w.k), np.float32)
-    _load(name).q4_dequantize_nk(w.packed, w.scales, np.ascontiguousarray(w.zero_point_values()), out)
+    _load(name).q4_dequantize_nk(w.packed, w.scales, w.zp_values, out)
     return out.T
 
 
-def q4_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
-    """y (M, N) = x (M, K) @ dequant(B), fp32 activations."""
+def _threads(threads: int | None) -> int:
+    return int(threads) if threads else (os.cpu_count() or 1)
+
+
+def q4_gemm(x: np.ndarray, w: Q4Weight, threads: int | None = None) -> np.ndarray:
+    """y (M, N) = x (M, K) @ dequant(B), fp32 activations; ``threads`` defaults to all cores."""
     _check_q4(w)
     _check(x, "x", np.float32, 2)
     if x.shape[1] != w.k:
@@ -156,8 +160,38 @@ def q4_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
     if name == "reference":
         return reference.q4_gemm(x, w)
     out = np.empty((x.shape[0], w.n), np.float32)
-    _load(name).q4_gemm(x, w.packed, w.scales, w.zero_point_values(), out)
+    if name == "cython":
+        _load(name).q4_gemm(x, w.packed, w.scales, w.zp_values, out, _threads(threads))
+    else:
+        _numba_threads(threads)
+        _load(name).q4_gemm(x, w.packed, w.scales, w.zp_values, out)
     return out
+
+
+def q4q8_gemm(x: np.ndarray, w: Q4Weight, threads: int | None = None) -> np.ndarray:
+    """Integer datapath y = x @ B: x quantized per block to int8 (Q8), int32 block sums of
+    (q - zp) * xq, then scaled by both block scales."""
+    _check_q4(w)
+    _check(x, "x", np.float32, 2)
+    if x.shape[1] != w.k:
+        raise ValueError(f"x has K={x.shape[1]}, weight has K={w.k}")
+    name = backend("q4q8_gemm")
+    if name == "reference":
+        return reference.q4q8_gemm(x, w)
+    xq, xs = reference.q8_quantize(x, w.block)
+    out = np.empty((x.shape[0], w.n), np.float32)
+    if name == "cython":
+        _load(name).q4q8_gemm(xq, xs, w.packed, w.scales, w.zp_values, out, _threads(threads))
+    else:
+        _numba_threads(threads)
+        _load(name).q4q8_gemm(xq, xs, w.packed, w.scales, w.zp_values, out)
+    return out
+
+
+def _numba_threads(threads: int | None) -> None:
+    import numba
+
+    numba.set_num_threads(min(_threads(threads), numba.config.NUMBA_NUM_THREADS))
 
 
 def q8_weight_quantize(b: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:

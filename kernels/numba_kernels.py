@@ -65,3 +65,43 @@ def q4_gemm(x, packed, scales, zps, out):  # pragma: no cover - compiled
                     xsum += x0 + x1
                 acc += (dot - np.float32(zps[r, b]) * xsum) * scales[r, b]
             out[m, r] = acc
+
+
+@njit(parallel=True, cache=True)
+def q4q8_gemm(xq, xs, packed, scales, zps, out):  # pragma: no cover - compiled
+    """Integer datapath: int32 block sums of q * xq minus zp * sum(xq), then both scales."""
+    m_rows = xq.shape[0]
+    n_rows, nb, half = packed.shape
+    block = half * 2
+    for r in prange(n_rows):
+        for m in range(m_rows):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                base = b * block
+                dot = np.int32(0)
+                xsum = np.int32(0)
+                for j in range(half):
+                    byte = np.int32(packed[r, b, j])
+                    x0 = np.int32(xq[m, base + 2 * j])
+                    x1 = np.int32(xq[m, base + 2 * j + 1])
+                    dot += (byte & 15) * x0 + (byte >> 4) * x1
+                    xsum += x0 + x1
+                dot -= np.int32(zps[r, b]) * xsum
+                acc += np.float32(dot) * (scales[r, b] * xs[m, b])
+            out[m, r] = acc
+
+
+@njit(parallel=True, cache=True)
+def stream_sum(a):  # pragma: no cover - compiled
+    """Sum of a large array: the read-bandwidth probe of the benchmarks."""
+    s = np.float32(0.0)
+    for i in prange(a.shape[0]):
+        s += a[i]
+    return s
+
+
+@njit(parallel=True, cache=True)
+def stream_copy(a, b):  # pragma: no cover - compiled
+    """b[:] = a[:]: the copy-bandwidth probe (bytes read + written)."""
+    for i in prange(a.shape[0]):
+        b[i] = a[i]

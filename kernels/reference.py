@@ -21,6 +21,7 @@ Formats (see DESIGN.md, "Quantized formats"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -183,6 +184,11 @@ class Q4Weight:
         assert self.scales.shape == (self.n, nb) and self.scales.dtype == np.float32
         if self.zero_points is not None:
             assert self.zero_points.shape == (self.n, -(-nb // 2))
+
+    @cached_property
+    def zp_values(self) -> np.ndarray:
+        """Zero point of every block, (N, K/block) uint8, C-contiguous (computed once)."""
+        return np.ascontiguousarray(self.zero_point_values())
 
     def zero_point_values(self) -> np.ndarray:
         """Zero point of every block, (N, K/block) uint8."""

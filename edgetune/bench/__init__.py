@@ -1,0 +1,1 @@
+"""Benchmarks: speed against a baseline measured in the same run."""

@@ -1,0 +1,197 @@
+"""``edgetune bench kernels``: Q4 GEMV/GEMM and dequantization against ONNX Runtime.
+
+For every shape (Phi-3-mini's projections) and batch, at 1 and 2 threads, each kernel
+cycles over more than 64 MiB of distinct weight matrices, so the L3 cache cannot hide
+DRAM. Reported per result: ms per matmul, weight GB/s, percent of the read bandwidth
+measured in this same run, and the ratio against ONNX Runtime's ``MatMulNBits``
+(``accuracy_level`` 4 and 0) run in this same process (> 1: edgetune is faster).
+Weight values do not matter for speed, so packed bytes and scales are random.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import kernels
+from ..kernels import Q4Weight
+
+SHAPES = ((3072, 3072), (3072, 8192), (8192, 3072))  # (K, N) of Phi-3-mini's projections
+BATCHES = (1, 8)
+THREADS = (1, 2)
+WORKING_SET = 80 << 20  # bytes of distinct weights to cycle over (> 64 MiB)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    name: str
+    ms: float
+    gbps: float
+    pct_bw: float
+    baseline: str | None = None
+    ratio: float | None = None
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "ms": self.ms, "weight_gb_s": self.gbps, "pct_read_bw": self.pct_bw}
+        if self.baseline:
+            d.update(baseline=self.baseline, ratio=self.ratio)
+        return d
+
+
+def _timeit(fn, min_time: float = 0.4, min_runs: int = 3) -> float:
+    """Median seconds of one call to ``fn``, after a warm-up call."""
+    fn()
+    runs = []
+    start = time.perf_counter()
+    while len(runs) < min_runs or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return float(np.median(runs))
+
+
+def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> tuple[float, float]:
+    """(read GB/s, copy GB/s counting bytes read + written) with ``threads`` threads."""
+    import numba
+
+    from ..kernels import numba_kernels
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    t_read = _timeit(lambda: numba_kernels.stream_sum(a))
+    t_copy = _timeit(lambda: numba_kernels.stream_copy(a, b))
+    return a.nbytes / t_read / 1e9, 2 * a.nbytes / t_copy / 1e9
+
+
+def random_q4(k: int, n: int, block: int, rng: np.random.Generator) -> Q4Weight:
+    packed = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, (n, k // block)).astype(np.float32)
+    return Q4Weight(packed, scales, None, k, n, block)
+
+
+def ort_matmulnbits(weights: list[Q4Weight], m: int, accuracy_level: int, threads: int):
+    """One ONNX Runtime session computing A @ B_i for every weight; returns a callable."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w0 = weights[0]
+    nodes, inits, outs = [], [], []
+    for i, w in enumerate(weights):
+        inits += [numpy_helper.from_array(w.packed, f"B{i}"),
+                  numpy_helper.from_array(w.scales.reshape(-1), f"S{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{i}", f"S{i}"], [f"Y{i}"],
+                                      domain="com.microsoft", K=w.k, N=w.n, bits=4,
+                                      block_size=w.block, accuracy_level=accuracy_level))
+        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [m, w.n]))
+    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info(
+        "A", TensorProto.FLOAT, [m, w0.k])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((m, w0.k)).astype(np.float32)
+    return lambda: sess.run(None, {"A": x})
+
+
+def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
+    """Run the kernel benchmark; ``quick`` uses one shape, batch 1, 2 threads."""
+    shapes = SHAPES[:1] if quick else SHAPES
+    batches = BATCHES[:1] if quick else BATCHES
+    threads_list = (2,) if quick else THREADS
+    rng = np.random.default_rng(0)
+    results: list[BenchResult] = []
+    for threads in threads_list:
+        bw, copy_bw = read_bandwidth(threads)
+        log(f"threads={threads}: read bandwidth {bw:.1f} GB/s, copy {copy_bw:.1f} GB/s")
+        results.append(BenchResult(f"read_bandwidth t{threads}", 0.0, bw, 100.0))
+        for k, n in shapes:
+            one = random_q4(k, n, block, rng)
+            count = max(2, -(-WORKING_SET // one.nbytes))
+            weights = [one] + [random_q4(k, n, block, rng) for _ in range(count - 1)]
+            wbytes = one.nbytes
+            for m in batches:
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                base = {}
+                for acc in (4, 0):
+                    run = ort_matmulnbits(weights, m, acc, threads)
+                    sec = _timeit(run) / count
+                    base[acc] = sec
+                    results.append(BenchResult(f"ort_matmulnbits_acc{acc} {k}x{n} m{m} t{threads}",
+                                               sec * 1e3, wbytes / sec / 1e9, 100 * wbytes / sec / 1e9 / bw))
+                for kernel, fn, against in (("q4q8_gemm", kernels.q4q8_gemm, 4),
+                                            ("q4_gemm_f32", kernels.q4_gemm, 0)):
+                    for backend in ("cython", "numba"):
+                        def run_all(fn=fn, backend=backend):
+                            with _forced(backend):
+                                for w in weights:
+                                    fn(x, w, threads=threads)
+                        sec = _timeit(run_all) / count
+                        results.append(BenchResult(
+                            f"{kernel}[{backend}] {k}x{n} m{m} t{threads}", sec * 1e3,
+                            wbytes / sec / 1e9, 100 * wbytes / sec / 1e9 / bw,
+                            f"ort_matmulnbits_acc{against}", base[against] / sec))
+            if threads == threads_list[-1]:
+                results += _dequant_results(weights, copy_bw, rng)
+    return results
+
+
+def _dequant_results(weights: list[Q4Weight], copy_bw: float, rng) -> list[BenchResult]:
+    """Q4 and NF4 dequantization to fp32 (single thread): bytes read + written, against the
+    copy bandwidth (read + write) measured in the same run."""
+    from ..kernels import NF4Tensor
+
+    w0 = weights[0]
+    numel = w0.k * w0.n
+    nf4 = [NF4Tensor(rng.integers(0, 256, numel // 2, dtype=np.uint8),
+                     rng.integers(0, 256, numel // 64, dtype=np.uint8),
+                     np.full(-(-numel // 64 // 256), 0.05, np.float32), 0.1, (w0.n, w0.k))
+           for _ in weights]
+    out = np.empty((w0.n, w0.k), np.float32)
+    res = []
+    for name, fn, items, nbytes in (
+            ("q4_dequantize", lambda w: kernels.q4_dequantize(w), weights, w0.nbytes),
+            ("nf4_dequantize", lambda t: kernels.nf4_dequantize(t, out), nf4, nf4[0].nbytes)):
+        for backend in ("cython", "numba"):
+            def run_all(fn=fn, items=items, backend=backend):
+                with _forced(backend):
+                    for it in items:
+                        fn(it)
+            sec = _timeit(run_all) / len(items)
+            moved = (nbytes + 4 * numel) / sec / 1e9
+            res.append(BenchResult(f"{name}[{backend}] {w0.k}x{w0.n}", sec * 1e3, moved,
+                                   100 * moved / copy_bw, "copy_bandwidth", moved / copy_bw))
+    return res
+
+
+class _forced:
+    """Context manager forcing EDGETUNE_KERNELS to one backend."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __enter__(self):
+        import os
+
+        self.old = os.environ.get("EDGETUNE_KERNELS")
+        os.environ["EDGETUNE_KERNELS"] = self.backend
+
+    def __exit__(self, *exc):
+        import os
+
+        if self.old is None:
+            os.environ.pop("EDGETUNE_KERNELS", None)
+        else:
+            os.environ["EDGETUNE_KERNELS"] = self.old
+
+
+def format_results(results: list[BenchResult]) -> str:
+    lines = [f"{'kernel':<44}{'ms':>9}{'GB/s':>8}{'% read BW':>11}  vs baseline"]
+    for r in results:
+        vs = f"{r.ratio:.2f}x {r.baseline}" if r.baseline else ""
+        lines.append(f"{r.name:<44}{r.ms:>9.3f}{r.gbps:>8.2f}{r.pct_bw:>10.0f}%  {vs}")
+    return "\n".join(lines)
