@@ -38,6 +38,14 @@ def file_table(root: Path) -> dict[str, dict]:
     return table
 
 
+def read_json(path: Path, error: type[Exception]):
+    """Parse a JSON file; a malformed one raises ``error`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def write_manifest(root: Path, info: dict) -> Path:
     """Write ``edgetune.json`` with ``info`` plus the file table of everything in ``root``."""
     manifest = {"format_version": FORMAT_VERSION, **info, "files": file_table(root)}
@@ -53,10 +61,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{path}: missing (not an edgetune bundle)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path, BundleError)
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise BundleError(f"{path}: manifest lacks field(s) {', '.join(missing)}")

@@ -112,7 +112,7 @@ def evaluate_torch(model, tokenizer, examples: list[Example], max_new_tokens: in
                             add_special_tokens=False, return_token_type_ids=False)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-            for (_, ref), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            for (_, ref), row in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
                 hits += answers_match(tokenizer.decode(row, skip_special_tokens=True), ref)
         for prompt, ref in pairs:
             p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

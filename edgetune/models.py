@@ -7,10 +7,10 @@ Only the Llama / Phi-3 / Mistral / Qwen2 families are supported end to end
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from .bundle import read_json
 from .errors import ModelError
 
 SUPPORTED = ("llama", "phi3", "mistral", "qwen2")
@@ -31,10 +31,7 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{cfg_path}: missing (not a Hugging Face model directory)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path, ModelError)
     mtype = cfg.get("model_type")
     if mtype not in SUPPORTED:
         raise ModelError(f"{cfg_path}: model_type {mtype!r} is not supported; "

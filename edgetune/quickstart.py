@@ -59,13 +59,14 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def quickstart(cfg: QuickstartConfig = QuickstartConfig(), log=print) -> list[Row]:
+def quickstart(cfg: QuickstartConfig | None = None, log=print) -> list[Row]:
     from .export import ExportConfig, export
     from .merge import load_adapted, merge
     from .models import load_model, load_tokenizer, tiny_model_path
     from .runtime import Model
     from .train import TrainConfig, train
 
+    cfg = cfg or QuickstartConfig()
     out = Path(cfg.out)
     if out.exists():
         if not cfg.force:

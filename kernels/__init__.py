@@ -150,42 +150,34 @@ def _threads(threads: int | None) -> int:
     return int(threads) if threads else (os.cpu_count() or 1)
 
 
-def q4_gemm(x: np.ndarray, w: Q4Weight, threads: int | None = None) -> np.ndarray:
-    """y (M, N) = x (M, K) @ dequant(B), fp32 activations; ``threads`` defaults to all cores."""
+def _gemm(kind: str, x: np.ndarray, w: Q4Weight, threads: int | None) -> np.ndarray:
+    """Checks and dispatch shared by the fp32 (``q4_gemm``) and integer (``q4q8_gemm``) paths."""
     _check_q4(w)
     _check(x, "x", np.float32, 2)
     if x.shape[1] != w.k:
         raise ValueError(f"x has K={x.shape[1]}, weight has K={w.k}")
-    name = backend("q4_gemm")
+    name = backend(kind)
     if name == "reference":
-        return reference.q4_gemm(x, w)
+        return getattr(reference, kind)(x, w)
+    args: tuple = (x,) if kind == "q4_gemm" else reference.q8_quantize(x, w.block)
     out = np.empty((x.shape[0], w.n), np.float32)
     if name == "cython":
-        _load(name).q4_gemm(x, w.packed, w.scales, w.zp_values, out, _threads(threads))
+        getattr(_load(name), kind)(*args, w.packed, w.scales, w.zp_values, out, _threads(threads))
     else:
         _numba_threads(threads)
-        _load(name).q4_gemm(x, w.packed, w.scales, w.zp_values, out)
+        getattr(_load(name), kind)(*args, w.packed, w.scales, w.zp_values, out)
     return out
+
+
+def q4_gemm(x: np.ndarray, w: Q4Weight, threads: int | None = None) -> np.ndarray:
+    """y (M, N) = x (M, K) @ dequant(B), fp32 activations; ``threads`` defaults to all cores."""
+    return _gemm("q4_gemm", x, w, threads)
 
 
 def q4q8_gemm(x: np.ndarray, w: Q4Weight, threads: int | None = None) -> np.ndarray:
     """Integer datapath y = x @ B: x quantized per block to int8 (Q8), int32 block sums of
     (q - zp) * xq, then scaled by both block scales."""
-    _check_q4(w)
-    _check(x, "x", np.float32, 2)
-    if x.shape[1] != w.k:
-        raise ValueError(f"x has K={x.shape[1]}, weight has K={w.k}")
-    name = backend("q4q8_gemm")
-    if name == "reference":
-        return reference.q4q8_gemm(x, w)
-    xq, xs = reference.q8_quantize(x, w.block)
-    out = np.empty((x.shape[0], w.n), np.float32)
-    if name == "cython":
-        _load(name).q4q8_gemm(xq, xs, w.packed, w.scales, w.zp_values, out, _threads(threads))
-    else:
-        _numba_threads(threads)
-        _load(name).q4q8_gemm(xq, xs, w.packed, w.scales, w.zp_values, out)
-    return out
+    return _gemm("q4q8_gemm", x, w, threads)
 
 
 def _numba_threads(threads: int | None) -> None:

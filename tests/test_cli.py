@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 CLI = [sys.executable, "-m", "edgetune.cli"]
 
 

@@ -126,7 +126,7 @@ def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
                 for kernel, fn, against in (("q4q8_gemm", kernels.q4q8_gemm, 4),
                                             ("q4_gemm_f32", kernels.q4_gemm, 0)):
                     for backend in ("cython", "numba"):
-                        def run_all(fn=fn, backend=backend):
+                        def run_all(fn=fn, backend=backend, weights=weights, x=x, threads=threads):
                             with _forced(backend):
                                 for w in weights:
                                     fn(x, w, threads=threads)

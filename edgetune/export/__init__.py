@@ -91,9 +91,10 @@ def _eos_ids(model_dir: Path, tokenizer) -> list[int]:
     return ids
 
 
-def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig = ExportConfig(),
+def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = None,
            force: bool = False, log=print) -> Path:
     """Export a merged HF model dir into a bundle at ``out``; returns ``out``."""
+    cfg = cfg or ExportConfig()
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: output exists (use --force to replace it)")

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import load_examples
-from ..data import smart_home
+from ..data import load_examples, smart_home
 from ..runtime.ort_backend import OrtDecoder
 
 

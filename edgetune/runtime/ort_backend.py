@@ -46,6 +46,6 @@ class OrtDecoder:
         if self.has_position_ids:
             feed["position_ids"] = np.broadcast_to(
                 np.arange(past_len, past_len + t, dtype=np.int64), (batch, t)).copy()
-        feed.update(zip(self.past_names, past))
+        feed.update(zip(self.past_names, past, strict=True))
         outs = self.session.run(self.output_names, feed)
         return outs[0], outs[1:]

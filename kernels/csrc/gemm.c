@@ -12,6 +12,17 @@
 #include <immintrin.h>
 #endif
 
+/* This thread's share [r0, r1) of n output rows inside an OpenMP parallel region. */
+static void thread_rows(size_t n, size_t *r0, size_t *r1) {
+    size_t t = 0, T = 1;
+#ifdef _OPENMP
+    t = (size_t)omp_get_thread_num();
+    T = (size_t)omp_get_num_threads();
+#endif
+    *r0 = n * t / T;
+    *r1 = n * (t + 1) / T;
+}
+
 /* ---- fp32 activations ------------------------------------------------------------ */
 
 static void q4_gemm_f32_rows(const float *x, const uint8_t *packed, const float *scales,
@@ -100,12 +111,8 @@ void et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales, 
     int nt = threads > 0 ? threads : 1;
     #pragma omp parallel num_threads(nt)
     {
-        size_t t = 0, T = 1;
-#ifdef _OPENMP
-        t = (size_t)omp_get_thread_num();
-        T = (size_t)omp_get_num_threads();
-#endif
-        size_t r0 = n * t / T, r1 = n * (t + 1) / T;
+        size_t r0, r1;
+        thread_rows(n, &r0, &r1);
 #ifdef ET_X86
         if (use_simd && block % 32 == 0)
             q4_gemm_f32_rows_avx2(x, packed, scales, zps, y, m, n, k, block, r0, r1);
@@ -191,12 +198,8 @@ void et_q4q8_gemm(const int8_t *xq, const float *xs, const uint8_t *packed, cons
     int nt = threads > 0 ? threads : 1;
     #pragma omp parallel num_threads(nt)
     {
-        size_t t = 0, T = 1;
-#ifdef _OPENMP
-        t = (size_t)omp_get_thread_num();
-        T = (size_t)omp_get_num_threads();
-#endif
-        size_t r0 = n * t / T, r1 = n * (t + 1) / T;
+        size_t r0, r1;
+        thread_rows(n, &r0, &r1);
 #ifdef ET_X86
         if (simd)
             q4q8_rows_avx2(xq, xs, packed, scales, zps, y, m, n, k, block, r0, r1, xsum);

@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from edgetune.kernels import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgetune import kernels
-from edgetune.kernels import reference as ref
 
 FAST = [b for b in ("cython", "numba") if b in kernels.available_backends()]
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import torch
-
 from edgetune.kernels import reference as ref
+
 from edgetune.train.nf4 import NF4Linear, dequantize_nf4_torch
 
 
