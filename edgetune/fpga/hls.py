@@ -18,7 +18,6 @@ from ..errors import EdgetuneError
 from ..kernels import fixed_point as fx
 
 
-
 def hls_sources() -> Path:
     """Folder of the HLS C++ kernels (installed with edgetune.kernels)."""
     import edgetune.kernels

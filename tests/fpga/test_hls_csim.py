@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from edgetune.kernels import fixed_point as fx
 
 from edgetune import kernels
 from edgetune.fpga import hls
 from edgetune.fpga.memimage import read_coe, read_mem, write_coe, write_mem
-from edgetune.kernels import fixed_point as fx
 
 pytestmark = pytest.mark.fpga
 
