@@ -77,6 +77,12 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.target == "fpga":
+        from .fpga.project import export_fpga
+
+        out = export_fpga(args.model, args.out, block=args.block_size, force=args.force)
+        print(f"HLS project: {out}")
+        return 0
     from .export import ExportConfig, export
 
     cfg = ExportConfig(quant=args.quant, block_size=args.block_size, symmetric=args.symmetric,
@@ -181,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "parity report, and a verified bundle.")
     p.add_argument("model", help="merged HF model dir")
     p.add_argument("--out", required=True, help="bundle dir to create")
+    p.add_argument("--target", choices=("onnx", "fpga"), default="onnx",
+                   help="onnx: the bundle; fpga: an HLS project with the weights as memory images")
     p.add_argument("--quant", choices=("int4", "int8", "none"), default="int4")
     p.add_argument("--block-size", type=int, default=32)
     sym = p.add_mutually_exclusive_group()

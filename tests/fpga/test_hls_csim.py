@@ -60,3 +60,33 @@ def test_memory_images_round_trip(tmp_path, word_bytes):
     text = coe.read_text()
     assert "memory_initialization_radix=16;" in text and text.rstrip().endswith(";")
     assert mem.read_text().splitlines()[1] == "@0"
+
+
+def test_fpga_export_of_the_quickstart_model(merged_model, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "hls"
+    r = subprocess.run([sys.executable, "-m", "edgetune.cli", "export", str(merged_model),
+                        "--target", "fpga", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("hls/q4q8_gemv.h", "hls/top.cpp", "hls/config.h", "run_hls.tcl", "fpga.json",
+                 "README.md", "tb_layer0.cpp"):
+        assert (out / name).is_file(), name
+    tb = out / "tb"
+    build = subprocess.run(["g++", "-std=c++14", "-O1", "-I", str(hls.ap_types_dir()), "-I",
+                            str(out / "hls"), "-I", str(out), str(out / "tb_layer0.cpp"), "-o",
+                            str(tb)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(tb)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "PASS: 0 mismatches" in run.stdout, run.stdout
+    assert run.stdout.count("bit-exact") == 4  # qkv, o, gate_up, down of layer 0
+
+    # the memory image holds exactly the packed weight the kernels produce
+    from safetensors.numpy import load_file
+
+    w = load_file(str(merged_model / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
+    q = kernels.q4_quantize(np.ascontiguousarray(w.astype(np.float32).T), 32)
+    mem = read_mem(out / "weights" / "model_layers_1_mlp_down_proj.w.mem")
+    assert mem == q.packed.tobytes()
+    assert read_coe(out / "weights" / "model_layers_1_mlp_down_proj.w.coe") == mem
