@@ -14,8 +14,8 @@ implementation can match it bit for bit:
 
 The fractional bits of each scale are chosen per tensor / per vector so the largest
 scale uses 15 bits of magnitude (block floating point); they travel with the data.
-NF4 dequantization uses an int8 code book (round(127 · code)) times a Q(AM_FRAC)
-absmax, giving Q(AM_FRAC) int32 weights.
+NF4 dequantization uses an int8 code book (round(127 · code)) times a Q(f) int16
+absmax, giving int32 weights whose real value is w / (127 · 2^f).
 """
 
 from __future__ import annotations
@@ -118,8 +118,22 @@ def q4q8_gemv_fixed(layer: FixedQ4Layer, act: FixedActivation) -> np.ndarray:
 
 
 def nf4_dequant_fixed(codes: np.ndarray, absmax_fx: np.ndarray, block: int = 64) -> np.ndarray:
-    """Integer NF4 dequantization: int8 code book value × Q(f) absmax of the block -> int32
-    Q(f + 7) values (the code book carries 7 fractional bits: round(127 · code))."""
+    """Integer NF4 dequantization: int8 code book value × Q(f) int16 absmax of the block ->
+    int32, standing for value / (127 · 2^f)."""
     lut = NF4_CODE_I8.astype(np.int32)[codes.astype(np.int64)]
     am = np.repeat(absmax_fx.astype(np.int32), block)[: codes.size]
     return lut * am
+
+
+def q4q8_gemv_fixed_fast(w: Q4Weight, layer: FixedQ4Layer, act: FixedActivation) -> np.ndarray:
+    """The CPU kernels' integer mode (Numba): bit-exact with :func:`q4q8_gemv_fixed`.
+    ``w`` supplies the packed codes, ``layer`` the fixed-point scales."""
+    from .numba_kernels import q4q8_gemv_fixed as kernel
+
+    if layer.codes.shape != (w.n, w.k) or act.xq.shape != (w.k,):
+        raise ValueError(f"shapes do not match: weight (N={w.n}, K={w.k}), "
+                         f"layer {layer.codes.shape}, activation {act.xq.shape}")
+    out = np.empty(w.n, np.int32)
+    kernel(w.packed, w.zp_values, np.ascontiguousarray(layer.ws_fx), act.xq,
+           np.ascontiguousarray(act.xs_fx), layer.ws_frac + act.xs_frac - OUT_FRAC, out)
+    return out

@@ -105,3 +105,27 @@ def stream_copy(a, b):  # pragma: no cover - compiled
     """b[:] = a[:]: the copy-bandwidth probe (bytes read + written)."""
     for i in prange(a.shape[0]):
         b[i] = a[i]
+
+
+@njit(parallel=True, cache=True)
+def q4q8_gemv_fixed(packed, zps, ws_fx, xq, xs_fx, shift, out):  # pragma: no cover - compiled
+    """Integer mode (kernels/fixed_point.py, the FPGA datapath): int32 block sums, int64
+    accumulation of s * ws * xs, round-half-up shift, saturation to int32."""
+    n_rows, nb, half = packed.shape
+    block = half * 2
+    for r in prange(n_rows):
+        acc = np.int64(0)
+        for b in range(nb):
+            base = b * block
+            z = np.int32(zps[r, b])
+            s = np.int32(0)
+            for j in range(half):
+                byte = np.int32(packed[r, b, j])
+                s += ((byte & 15) - z) * np.int32(xq[base + 2 * j])
+                s += ((byte >> 4) - z) * np.int32(xq[base + 2 * j + 1])
+            acc += np.int64(s) * np.int64(ws_fx[r, b]) * np.int64(xs_fx[b])
+        if shift > 0:
+            acc = (acc + (np.int64(1) << (shift - 1))) >> shift
+        elif shift < 0:
+            acc = acc << (-shift)
+        out[r] = min(max(acc, -2147483648), 2147483647)

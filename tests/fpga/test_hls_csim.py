@@ -90,3 +90,13 @@ def test_fpga_export_of_the_quickstart_model(merged_model, tmp_path):
     mem = read_mem(out / "weights" / "model_layers_1_mlp_down_proj.w.mem")
     assert mem == q.packed.tobytes()
     assert read_coe(out / "weights" / "model_layers_1_mlp_down_proj.w.coe") == mem
+
+
+@pytest.mark.parametrize("block, symmetric", [(32, True), (64, False), (16, True)])
+def test_cpu_integer_mode_equals_golden(block, symmetric):
+    rng = np.random.default_rng(block)
+    w = kernels.q4_quantize(rng.standard_normal((512, 48)).astype(np.float32), block, symmetric)
+    layer = fx.fixed_layer(w)
+    act = fx.fixed_activation(rng.standard_normal(512).astype(np.float32), block)
+    np.testing.assert_array_equal(fx.q4q8_gemv_fixed_fast(w, layer, act),
+                                  fx.q4q8_gemv_fixed(layer, act))
