@@ -19,7 +19,7 @@ from .reference import NF4_BLOCK, NF4_CODE, Q4_BLOCK_SIZES, NF4Tensor, Q4Weight
 __all__ = [
     "NF4Tensor", "Q4Weight", "NF4_CODE", "NF4_BLOCK", "Q4_BLOCK_SIZES", "backend",
     "available_backends", "nf4_quantize", "nf4_dequantize", "q4_quantize", "q4_dequantize",
-    "q4_gemm", "q4q8_gemm", "q8_weight_quantize", "reference",
+    "q4_gemm", "q4q8_gemm", "q8w_gemm", "q8_weight_quantize", "reference",
 ]
 
 BACKENDS = ("cython", "numba", "reference")
@@ -47,7 +47,8 @@ def available_backends() -> list[str]:
 
 
 def backend(kernel: str = "") -> str:
-    """Backend used for ``kernel``: forced by EDGETUNE_KERNELS, else the fastest that has it."""
+    """Backend that runs ``kernel``: the fastest available that has it, starting from the one
+    EDGETUNE_KERNELS forces (a forced backend without that kernel falls to the next)."""
     forced = os.environ.get("EDGETUNE_KERNELS", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
@@ -55,10 +56,7 @@ def backend(kernel: str = "") -> str:
         if _load(forced) is None:
             raise ValueError(f"EDGETUNE_KERNELS={forced} but that backend is not available "
                              f"(available: {', '.join(available_backends())})")
-        if kernel and not hasattr(_load(forced), kernel):
-            return "reference" if forced == "reference" or kernel == "q4_gemm" else forced
-        return forced
-    for name in BACKENDS:
+    for name in BACKENDS[BACKENDS.index(forced):] if forced else BACKENDS:
         mod = _load(name)
         if mod is not None and (not kernel or name == "reference" or hasattr(mod, kernel)):
             return name
@@ -178,6 +176,26 @@ def q4q8_gemm(x: np.ndarray, w: Q4Weight, threads: int | None = None) -> np.ndar
     """Integer datapath y = x @ B: x quantized per block to int8 (Q8), int32 block sums of
     (q - zp) * xq, then scaled by both block scales."""
     return _gemm("q4q8_gemm", x, w, threads)
+
+
+def q8w_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray,
+             threads: int | None = None) -> np.ndarray:
+    """y = x @ dequant(B) for an 8-bit MatMulNBits weight: codes (N, K/block, block), zero
+    point 128, scales (N, K/block). Used for the LM head the exporter keeps at 8 bits."""
+    _check(x, "x", np.float32, 2)
+    _check(codes, "codes", np.uint8, 3)
+    _check(scales, "scales", np.float32, 2)
+    n, nb, block = codes.shape
+    if x.shape[1] != nb * block or scales.shape != (n, nb):
+        raise ValueError(f"x (K={x.shape[1]}), codes {codes.shape} and scales {scales.shape} "
+                         "do not match")
+    name = backend("q8w_gemm")
+    if name == "reference":
+        return reference.q8w_gemm(x, codes, scales)
+    out = np.empty((x.shape[0], n), np.float32)
+    _numba_threads(threads)
+    _load(name).q8w_gemm(x, codes, scales, out)
+    return out
 
 
 def _numba_threads(threads: int | None) -> None:

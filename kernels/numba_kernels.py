@@ -129,3 +129,23 @@ def q4q8_gemv_fixed(packed, zps, ws_fx, xq, xs_fx, shift, out):  # pragma: no co
         elif shift < 0:
             acc = acc << (-shift)
         out[r] = min(max(acc, -2147483648), 2147483647)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def q8w_gemm(x, codes, scales, out):  # pragma: no cover - compiled
+    """out (M, N) = x (M, K) @ dequant(B) for 8-bit MatMulNBits weights (zero point 128)."""
+    m_rows = x.shape[0]
+    n_rows, nb, block = codes.shape
+    for r in prange(n_rows):
+        for m in range(m_rows):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                dot = np.float32(0.0)
+                xsum = np.float32(0.0)
+                base = b * block
+                for j in range(block):
+                    xv = x[m, base + j]
+                    dot += np.float32(codes[r, b, j]) * xv
+                    xsum += xv
+                acc += (dot - np.float32(128.0) * xsum) * scales[r, b]
+            out[m, r] = acc

@@ -303,3 +303,8 @@ def q8_weight_dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The (K, N) fp32 weight of :func:`q8_weight_quantize`'s output."""
     n, nb, block = q.shape
     return ((q.astype(np.float32) - 128.0) * scales[..., None]).reshape(n, nb * block).T.copy()
+
+
+def q8w_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """y = x @ dequant(B) for an 8-bit MatMulNBits weight (see :func:`q8_weight_quantize`)."""
+    return (x.astype(np.float32) @ q8_weight_dequantize(codes, scales)).astype(np.float32)

@@ -31,6 +31,15 @@ def _is_lm_head(node: onnx.NodeProto, graph_outputs: set[str]) -> bool:
     return "lm_head" in node.name or node.output[0] in graph_outputs
 
 
+def weight_name(node: onnx.NodeProto) -> str:
+    """A readable initializer prefix from the node name: '/model/layers.0/mlp/down_proj/MatMul'
+    -> 'model.layers.0.mlp.down_proj.weight' (what the native runtime looks weights up by)."""
+    parts = [p for p in node.name.split("/") if p]
+    if parts and parts[-1].startswith("MatMul"):
+        parts = parts[:-1]
+    return ".".join(parts) + ".weight" if parts else node.input[1]
+
+
 def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig) -> QuantSummary:
     """Rewrite MatMuls over weight initializers in place, per ``cfg``."""
     graph = model.graph
@@ -62,7 +71,7 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig) -> QuantSummary:
             new_nodes.append(node)
             continue
         k, n = w.shape
-        prefix = node.input[1]
+        prefix = weight_name(node)
         extra = []
         if bits == 4:
             q = kernels.q4_quantize(w, cfg.block_size, cfg.symmetric)
@@ -80,8 +89,8 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig) -> QuantSummary:
             name=f"{node.name}_Q{bits}", domain=MS_DOMAIN, K=k, N=n, bits=bits,
             block_size=cfg.block_size, accuracy_level=cfg.accuracy_level))
         counts[str(bits)] = counts.get(str(bits), 0) + 1
-        if uses.get(prefix, 0) <= 1:
-            drop.add(prefix)
+        if uses.get(node.input[1], 0) <= 1:
+            drop.add(node.input[1])
     del graph.node[:]
     graph.node.extend(new_nodes)
     remaining = [i for i in graph.initializer if i.name not in drop]

@@ -19,7 +19,7 @@ from ..errors import BundleError, ConfigError, EdgetuneError
 from .ort_backend import OrtDecoder
 from .sampling import SamplingConfig, select
 
-BACKENDS = ("auto", "ort")
+BACKENDS = ("auto", "native", "ort")
 
 
 class PromptError(EdgetuneError):
@@ -62,6 +62,12 @@ class Model:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         path = Path(path)
         manifest = verify(path) if verify_hashes else read_manifest(path)
+        if backend == "auto":
+            backend = "ort"
+        if backend == "native":
+            from .native import NativeDecoder
+
+            return cls(path, manifest, NativeDecoder(path, manifest, threads=threads), "native")
         try:
             decoder = OrtDecoder(str(path / manifest["decoder"]["filename"]), threads=threads)
         except Exception as e:  # onnxruntime raises its own exception types for bad models

@@ -1,0 +1,189 @@
+"""Native backend: the decoder run by edgetune's own kernels (no ONNX Runtime session).
+
+Llama / Phi-3 / Mistral / Qwen2: RMSNorm -> attention (rotary embeddings, Phi-3 longrope,
+grouped-query attention over a preallocated KV cache) -> RMSNorm -> SwiGLU MLP, every
+projection a Q4 x Q8 GEMV/GEMM (``edgetune.kernels``) over the bundle's own MatMulNBits
+weights, memory-mapped. The prompt is one batched pass (GEMM), decoding one token a pass.
+Same interface as ``OrtDecoder``: ``forward(input_ids (1, T), past) -> logits, past``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import kernels
+from ..errors import BundleError
+from .weights import Linear, OnnxWeights
+
+FAMILIES = ("llama", "phi3", "mistral", "qwen2")
+
+
+class KVCache:
+    """Preallocated keys and values, (layers, kv_heads, context, head_dim) each."""
+
+    def __init__(self, layers: int, kv_heads: int, context: int, head_dim: int):
+        self.k = np.zeros((layers, kv_heads, context, head_dim), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.length = 0
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(var + eps)).astype(np.float32) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class Rope:
+    """Rotary embeddings (rotate-half form), with Phi-3's longrope scaling when configured."""
+
+    def __init__(self, arch: dict, head_dim: int):
+        self.dim = int(head_dim * arch.get("partial_rotary_factor", 1.0))
+        base = float(arch.get("rope_theta", 10000.0))
+        inv = 1.0 / base ** (np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
+        self.inv_short = self.inv_long = inv
+        self.attn_factor = 1.0
+        self.original = int(arch.get("original_max_position_embeddings") or 0)
+        scaling = arch.get("rope_scaling") or None
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind != "longrope":
+                raise BundleError(f"rope scaling {kind!r} is not supported by the native backend")
+            self.inv_short = inv / np.asarray(scaling["short_factor"], np.float64)
+            self.inv_long = inv / np.asarray(scaling["long_factor"], np.float64)
+            factor = arch["max_position_embeddings"] / self.original
+            self.attn_factor = scaling.get("attention_factor") or (
+                1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.original)))
+
+    def apply(self, x: np.ndarray, pos: np.ndarray, total: int) -> np.ndarray:
+        """x (heads, T, head_dim) at positions ``pos``; ``total`` decides longrope's factors."""
+        inv = self.inv_long if self.original and total > self.original else self.inv_short
+        ang = pos[:, None].astype(np.float64) * inv[None, :]  # (T, dim/2)
+        emb = np.concatenate([ang, ang], axis=-1)
+        cos = (np.cos(emb) * self.attn_factor).astype(np.float32)
+        sin = (np.sin(emb) * self.attn_factor).astype(np.float32)
+        rot, rest = x[..., :self.dim], x[..., self.dim:]
+        half = self.dim // 2
+        rotated = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+        out = rot * cos + rotated * sin
+        return np.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+
+
+class NativeDecoder:
+    """The decoder of a bundle, run with edgetune.kernels."""
+
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None):
+        arch = manifest["architecture"]
+        if arch["model_type"] not in FAMILIES:
+            raise BundleError(f"native backend supports {', '.join(FAMILIES)}, "
+                              f"not {arch['model_type']!r}")
+        self.arch = arch
+        self.threads = threads
+        self.w = OnnxWeights(bundle / manifest["decoder"]["filename"])
+        self.lin = self.w.linears()
+        self.h = int(arch["hidden_size"])
+        self.n_layers = int(arch["num_hidden_layers"])
+        self.n_heads = int(arch["num_attention_heads"])
+        self.n_kv = int(arch.get("num_key_value_heads") or self.n_heads)
+        self.head_dim = int(arch.get("head_dim") or self.h // self.n_heads)
+        self.eps = float(arch.get("rms_norm_eps", 1e-6))
+        self.context = int(manifest["decoder"]["context_length"])
+        window = arch.get("sliding_window")
+        self.window = int(window) if window and arch["model_type"] in ("mistral",) else None
+        self.rope = Rope(arch, self.head_dim)
+        self.embed = self.w.array("model.embed_tokens.weight")
+        self.norms = [(self.w.array(f"model.layers.{i}.input_layernorm.weight"),
+                       self.w.array(f"model.layers.{i}.post_attention_layernorm.weight"))
+                      for i in range(self.n_layers)]
+        self.final_norm = self.w.array("model.norm.weight")
+        if "lm_head" not in self.lin:
+            raise BundleError(f"{bundle}: no lm_head projection found (tied embeddings are not "
+                              "supported by the native backend)")
+        self.weight_bytes = sum(lin.nbytes for lin in self.lin.values()) + self.embed.nbytes
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x (T, K) @ W of projection ``name`` (+ bias)."""
+        lin: Linear = self.lin[name]
+        if lin.kind == "q4":
+            y = kernels.q4q8_gemm(x, lin.q4, threads=self.threads)
+        elif lin.kind == "q8":
+            y = kernels.q8w_gemm(x, lin.q8_codes, lin.q8_scales, threads=self.threads)
+        else:
+            y = x @ lin.f32
+        return y + lin.bias if lin.bias is not None else y
+
+    def _qkv(self, i: int, x: np.ndarray):
+        p = f"model.layers.{i}.self_attn"
+        if f"{p}.qkv_proj" in self.lin:
+            qkv = self.linear(x, f"{p}.qkv_proj")
+            q_end = self.n_heads * self.head_dim
+            kv_end = q_end + self.n_kv * self.head_dim
+            return qkv[:, :q_end], qkv[:, q_end:kv_end], qkv[:, kv_end:]
+        return (self.linear(x, f"{p}.q_proj"), self.linear(x, f"{p}.k_proj"),
+                self.linear(x, f"{p}.v_proj"))
+
+    def _mlp(self, i: int, x: np.ndarray) -> np.ndarray:
+        p = f"model.layers.{i}.mlp"
+        if f"{p}.gate_up_proj" in self.lin:
+            gu = self.linear(x, f"{p}.gate_up_proj")
+            half = gu.shape[-1] // 2
+            act = silu(gu[:, :half]) * gu[:, half:]
+        else:
+            act = silu(self.linear(x, f"{p}.gate_proj")) * self.linear(x, f"{p}.up_proj")
+        return self.linear(np.ascontiguousarray(act, dtype=np.float32), f"{p}.down_proj")
+
+    def _attention(self, i: int, x: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
+        t = x.shape[0]
+        q, k, v = self._qkv(i, x)
+        total = start + t
+        pos = np.arange(start, total)
+        q = self.rope.apply(q.reshape(t, self.n_heads, self.head_dim).transpose(1, 0, 2), pos, total)
+        k = self.rope.apply(k.reshape(t, self.n_kv, self.head_dim).transpose(1, 0, 2), pos, total)
+        cache.k[i, :, start:total] = k
+        cache.v[i, :, start:total] = v.reshape(t, self.n_kv, self.head_dim).transpose(1, 0, 2)
+        keys, vals = cache.k[i, :, :total], cache.v[i, :, :total]  # (kv, S, d)
+        group = self.n_heads // self.n_kv
+        qg = q.reshape(self.n_kv, group * t, self.head_dim)
+        scores = (qg @ keys.transpose(0, 2, 1)).reshape(self.n_kv, group, t, total)
+        scores /= np.float32(math.sqrt(self.head_dim))
+        qpos, kpos = pos[:, None], np.arange(total)[None, :]
+        masked = kpos > qpos
+        if self.window:
+            masked |= kpos <= qpos - self.window
+        scores = np.where(masked, np.float32(-np.inf), scores)
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out = (p.reshape(self.n_kv, group * t, total) @ vals).reshape(self.n_heads, t, self.head_dim)
+        out = np.ascontiguousarray(out.transpose(1, 0, 2).reshape(t, self.n_heads * self.head_dim))
+        return self.linear(out, f"model.layers.{i}.self_attn.o_proj")
+
+    # -- the decoder ------------------------------------------------------------------------
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.n_layers, self.n_kv, self.context, self.head_dim)
+
+    def forward(self, input_ids: np.ndarray, past: KVCache | None = None
+                ) -> tuple[np.ndarray, KVCache]:
+        """Logits (1, T, V) for ``input_ids`` (1, T) after ``past``; the cache grows in place."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("the native backend decodes one sequence at a time")
+        cache = past if past is not None else self.new_cache()
+        start = cache.length
+        ids = input_ids[0]
+        if start + ids.size > self.context:
+            raise ValueError(f"context of {self.context} tokens exceeded")
+        x = np.ascontiguousarray(self.embed[ids], dtype=np.float32)  # (T, H)
+        for i, (n_in, n_post) in enumerate(self.norms):
+            x = x + self._attention(i, np.ascontiguousarray(rms_norm(x, n_in, self.eps)), cache, start)
+            x = x + self._mlp(i, np.ascontiguousarray(rms_norm(x, n_post, self.eps)))
+        cache.length = start + ids.size
+        logits = self.linear(np.ascontiguousarray(rms_norm(x, self.final_norm, self.eps)), "lm_head")
+        return logits[None], cache

@@ -1,0 +1,117 @@
+"""Read a bundle's decoder weights straight from its ONNX file, memory-mapped.
+
+The native backend runs on the very bytes ONNX Runtime reads: every initializer
+stored as external data becomes a zero-copy numpy view into a read-only memory
+map of ``model.onnx.data``; nothing is written twice to disk or copied in RAM.
+Projections are found by the names the exporter gives them
+(``model.layers.{i}.self_attn.qkv_proj.weight_Q4`` …) and the MatMulNBits node
+attributes (K, N, bits, block size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import BundleError
+from ..kernels import Q4Weight
+
+_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.UINT8: np.uint8,
+       onnx.TensorProto.INT8: np.int8, onnx.TensorProto.INT64: np.int64,
+       onnx.TensorProto.FLOAT16: np.float16}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One projection y = x @ W (+ bias): 4-bit, 8-bit (MatMulNBits) or fp32 (K, N)."""
+
+    kind: str  # "q4" | "q8" | "f32"
+    k: int
+    n: int
+    q4: Q4Weight | None = None
+    q8_codes: np.ndarray | None = None  # uint8 (N, K/block, block), zero point 128
+    q8_scales: np.ndarray | None = None  # fp32 (N, K/block)
+    f32: np.ndarray | None = None  # (K, N)
+    bias: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "q4":
+            return self.q4.nbytes
+        if self.kind == "q8":
+            return self.q8_codes.nbytes + self.q8_scales.nbytes
+        return self.f32.nbytes
+
+
+class OnnxWeights:
+    """Initializers of an ONNX model by name, external data memory-mapped."""
+
+    def __init__(self, onnx_path: Path):
+        self.path = Path(onnx_path)
+        self.model = onnx.load(str(self.path), load_external_data=False)
+        self.inits = {t.name: t for t in self.model.graph.initializer}
+        self._maps: dict[str, np.memmap] = {}
+        self.nodes = list(self.model.graph.node)
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self.inits:
+            raise BundleError(f"{self.path}: initializer {name!r} not found")
+        t = self.inits[name]
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        loc = self.path.parent / info["location"]
+        if info["location"] not in self._maps:
+            self._maps[info["location"]] = np.memmap(loc, dtype=np.uint8, mode="r")
+        raw = self._maps[info["location"]]
+        off, length = int(info.get("offset", 0)), int(info["length"])
+        if off + length > raw.size:
+            raise BundleError(f"{loc}: shorter than the data of {name!r} needs")
+        return raw[off:off + length].view(_NP[t.data_type]).reshape(tuple(t.dims))
+
+    def has(self, name: str) -> bool:
+        return name in self.inits
+
+    def linears(self) -> dict[str, Linear]:
+        """Every MatMul / MatMulNBits over an initializer, keyed by module path
+        ('model.layers.0.self_attn.qkv_proj', 'lm_head')."""
+        out: dict[str, Linear] = {}
+        consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        for node in self.nodes:
+            path = ".".join(p for p in node.name.split("/") if p and not p.startswith("MatMul"))
+            if node.op_type == "MatMulNBits":
+                a = {x.name: (x.i if x.type == onnx.AttributeProto.INT else x.f) for x in node.attribute}
+                k, n, bits, block = int(a["K"]), int(a["N"]), int(a["bits"]), int(a["block_size"])
+                codes = self.array(node.input[1])
+                scales = self.array(node.input[2]).reshape(n, k // block)
+                if bits == 4:
+                    zp = None
+                    if len(node.input) > 3 and node.input[3]:
+                        zp = self.array(node.input[3]).reshape(n, -1)
+                    lin = Linear("q4", k, n, q4=Q4Weight(codes.reshape(n, k // block, block // 2),
+                                                         np.ascontiguousarray(scales), zp, k, n, block))
+                elif bits == 8:
+                    lin = Linear("q8", k, n, q8_codes=codes.reshape(n, k // block, block),
+                                 q8_scales=np.ascontiguousarray(scales))
+                else:
+                    raise BundleError(f"{self.path}: {node.name}: {bits}-bit weights not supported")
+            elif node.op_type == "MatMul" and node.input[1] in self.inits:
+                w = self.array(node.input[1])
+                lin = Linear("f32", w.shape[0], w.shape[1], f32=w)
+            else:
+                continue
+            bias = None
+            for c in consumers.get(node.output[0], []):
+                if c.op_type == "Add":
+                    other = [i for i in c.input if i != node.output[0]]
+                    if other and other[0] in self.inits:
+                        bias = self.array(other[0])
+            out[path] = Linear(lin.kind, lin.k, lin.n, lin.q4, lin.q8_codes, lin.q8_scales, lin.f32, bias)
+        return out
