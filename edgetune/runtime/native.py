@@ -97,10 +97,10 @@ class NativeDecoder:
         self.window = int(window) if window and arch["model_type"] in ("mistral",) else None
         self.rope = Rope(arch, self.head_dim)
         self.embed = self.w.array("model.embed_tokens.weight")
-        self.norms = [(self.w.array(f"model.layers.{i}.input_layernorm.weight"),
-                       self.w.array(f"model.layers.{i}.post_attention_layernorm.weight"))
+        self.norms = [(self.w.module_vector(f"model.layers.{i}.input_layernorm", self.h),
+                       self.w.module_vector(f"model.layers.{i}.post_attention_layernorm", self.h))
                       for i in range(self.n_layers)]
-        self.final_norm = self.w.array("model.norm.weight")
+        self.final_norm = self.w.module_vector("model.norm", self.h)
         if "lm_head" not in self.lin:
             raise BundleError(f"{bundle}: no lm_head projection found (tied embeddings are not "
                               "supported by the native backend)")

@@ -56,8 +56,12 @@ class OnnxWeights:
         self.inits = {t.name: t for t in self.model.graph.initializer}
         self._maps: dict[str, np.memmap] = {}
         self.nodes = list(self.model.graph.node)
+        # exporters share equal constants (e.g. freshly initialised norms) through Identity
+        self.alias = {n.output[0]: n.input[0] for n in self.nodes if n.op_type == "Identity"}
 
     def array(self, name: str) -> np.ndarray:
+        while name not in self.inits and name in self.alias:
+            name = self.alias[name]
         if name not in self.inits:
             raise BundleError(f"{self.path}: initializer {name!r} not found")
         t = self.inits[name]
@@ -74,7 +78,25 @@ class OnnxWeights:
         return raw[off:off + length].view(_NP[t.data_type]).reshape(tuple(t.dims))
 
     def has(self, name: str) -> bool:
+        while name not in self.inits and name in self.alias:
+            name = self.alias[name]
         return name in self.inits
+
+    def module_vector(self, module: str, size: int) -> np.ndarray:
+        """The 1-D weight of ``module`` (e.g. 'model.layers.0.input_layernorm'): by its own
+        initializer name, else the 1-D initializer its nodes read (exporters merge equal
+        constants, e.g. freshly initialised norms, into one shared initializer)."""
+        if self.has(f"{module}.weight"):
+            return self.array(f"{module}.weight")
+        prefix = "/" + module.replace(".", "/") + "/"
+        for node in self.nodes:
+            if node.name.startswith(prefix):
+                for i in node.input:
+                    t = self.inits.get(i)
+                    if t is not None and list(t.dims) == [size]:
+                        return self.array(i)
+        raise BundleError(f"{self.path}: weight of {module} not found")
+
 
     def linears(self) -> dict[str, Linear]:
         """Every MatMul / MatMulNBits over an initializer, keyed by module path
@@ -102,7 +124,7 @@ class OnnxWeights:
                                  q8_scales=np.ascontiguousarray(scales))
                 else:
                     raise BundleError(f"{self.path}: {node.name}: {bits}-bit weights not supported")
-            elif node.op_type == "MatMul" and node.input[1] in self.inits:
+            elif node.op_type == "MatMul" and self.has(node.input[1]):
                 w = self.array(node.input[1])
                 lin = Linear("f32", w.shape[0], w.shape[1], f32=w)
             else:
@@ -111,7 +133,7 @@ class OnnxWeights:
             for c in consumers.get(node.output[0], []):
                 if c.op_type == "Add":
                     other = [i for i in c.input if i != node.output[0]]
-                    if other and other[0] in self.inits:
+                    if other and self.has(other[0]):
                         bias = self.array(other[0])
             out[path] = Linear(lin.kind, lin.k, lin.n, lin.q4, lin.q8_codes, lin.q8_scales, lin.f32, bias)
         return out
