@@ -23,11 +23,11 @@ class QuickstartConfig:
     """Everything goes here: data/, run/, merged/, bundle-fp32/, bundle/."""
     method: str = "qlora"
     """Fine-tuning method (the trainer's default)."""
-    max_steps: int = 150
+    max_steps: int = 500
     """Optimizer steps of fine-tuning."""
     batch_size: int = 16
     """Sequences per step."""
-    lr: float = 3e-3
+    lr: float = 4e-3
     """Peak learning rate for the adapter (a tiny model takes a large one)."""
     rank: int = 16
     """LoRA rank."""

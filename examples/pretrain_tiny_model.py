@@ -1,6 +1,6 @@
 """Pretrain the tiny Phi-3-architecture base model that edgetune ships.
 
-    python examples/pretrain_tiny_model.py --minutes 15 --out edgetune/assets/tiny-phi3
+    python examples/pretrain_tiny_model.py --minutes 35 --out edgetune/assets/tiny-phi3
 
 The corpus is the docstrings and comments of the Python standard library that runs this
 script (every Python install ships it), so anyone can rebuild the model
@@ -121,7 +121,7 @@ def packed_windows(ids: list[int], seq_len: int) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="edgetune/assets/tiny-phi3")
-    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget")
+    ap.add_argument("--minutes", type=float, default=35.0, help="wall-clock training budget")
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
