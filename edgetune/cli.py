@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", help="system message (chat bundles)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--backend", choices=("auto", "ort"), default="auto")
+    p.add_argument("--backend", choices=("auto", "ort", "native", "native-int"), default="auto",
+                   help="ort: ONNX Runtime; native: edgetune kernels; native-int: the FPGA fixed-point datapath")
     p.add_argument("--threads", type=int)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -125,15 +125,22 @@ def nf4_dequant_fixed(codes: np.ndarray, absmax_fx: np.ndarray, block: int = 64)
     return lut * am
 
 
-def q4q8_gemv_fixed_fast(w: Q4Weight, layer: FixedQ4Layer, act: FixedActivation) -> np.ndarray:
-    """The CPU kernels' integer mode (Numba): bit-exact with :func:`q4q8_gemv_fixed`.
-    ``w`` supplies the packed codes, ``layer`` the fixed-point scales."""
+def fixed_scales(w: Q4Weight) -> tuple[np.ndarray, int]:
+    """(int16 Q(frac) block scales, frac) of a Q4 weight, as the FPGA stores them."""
+    frac = frac_bits_for(w.scales)
+    return to_fixed(w.scales, frac), frac
+
+
+def q4q8_gemv_fixed_fast(w: Q4Weight, ws_fx: np.ndarray, ws_frac: int,
+                         act: FixedActivation) -> np.ndarray:
+    """The CPU kernels' integer mode (Numba) over the packed weight: bit-exact with
+    :func:`q4q8_gemv_fixed`. Returns int32 (N,) in Q(OUT_FRAC)."""
     from .numba_kernels import q4q8_gemv_fixed as kernel
 
-    if layer.codes.shape != (w.n, w.k) or act.xq.shape != (w.k,):
-        raise ValueError(f"shapes do not match: weight (N={w.n}, K={w.k}), "
-                         f"layer {layer.codes.shape}, activation {act.xq.shape}")
+    if ws_fx.shape != w.scales.shape or act.xq.shape != (w.k,) or act.xs_fx.shape != (w.k // w.block,):
+        raise ValueError(f"shapes do not match: weight (N={w.n}, K={w.k}, block={w.block}), "
+                         f"scales {ws_fx.shape}, activation {act.xq.shape}")
     out = np.empty(w.n, np.int32)
-    kernel(w.packed, w.zp_values, np.ascontiguousarray(layer.ws_fx), act.xq,
-           np.ascontiguousarray(act.xs_fx), layer.ws_frac + act.xs_frac - OUT_FRAC, out)
+    kernel(w.packed, w.zp_values, np.ascontiguousarray(ws_fx, np.int16), act.xq,
+           np.ascontiguousarray(act.xs_fx), ws_frac + act.xs_frac - OUT_FRAC, out)
     return out

@@ -19,7 +19,7 @@ from ..errors import BundleError, ConfigError, EdgetuneError
 from .ort_backend import OrtDecoder
 from .sampling import SamplingConfig, select
 
-BACKENDS = ("auto", "native", "ort")
+BACKENDS = ("auto", "native", "native-int", "ort")
 
 
 class PromptError(EdgetuneError):
@@ -64,10 +64,11 @@ class Model:
         manifest = verify(path) if verify_hashes else read_manifest(path)
         if backend == "auto":
             backend = "ort"
-        if backend == "native":
+        if backend in ("native", "native-int"):
             from .native import NativeDecoder
 
-            return cls(path, manifest, NativeDecoder(path, manifest, threads=threads), "native")
+            decoder = NativeDecoder(path, manifest, threads=threads, integer=backend == "native-int")
+            return cls(path, manifest, decoder, backend)
         try:
             decoder = OrtDecoder(str(path / manifest["decoder"]["filename"]), threads=threads)
         except Exception as e:  # onnxruntime raises its own exception types for bad models

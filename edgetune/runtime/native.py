@@ -4,6 +4,8 @@ Llama / Phi-3 / Mistral / Qwen2: RMSNorm -> attention (rotary embeddings, Phi-3 
 grouped-query attention over a preallocated KV cache) -> RMSNorm -> SwiGLU MLP, every
 projection a Q4 x Q8 GEMV/GEMM (``edgetune.kernels``) over the bundle's own MatMulNBits
 weights, memory-mapped. The prompt is one batched pass (GEMM), decoding one token a pass.
+``integer=True`` runs the Q4 projections through the fixed-point datapath the FPGA kernels
+implement (kernels/fixed_point.py), bit-exact with the HLS C simulation.
 Same interface as ``OrtDecoder``: ``forward(input_ids (1, T), past) -> logits, past``.
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import BundleError
+from ..kernels import fixed_point as fx
 from .weights import Linear, OnnxWeights
 
 FAMILIES = ("llama", "phi3", "mistral", "qwen2")
@@ -77,13 +80,15 @@ class Rope:
 class NativeDecoder:
     """The decoder of a bundle, run with edgetune.kernels."""
 
-    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None):
+    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None,
+                 integer: bool = False):
         arch = manifest["architecture"]
         if arch["model_type"] not in FAMILIES:
             raise BundleError(f"native backend supports {', '.join(FAMILIES)}, "
                               f"not {arch['model_type']!r}")
         self.arch = arch
         self.threads = threads
+        self.integer = integer  # Q4 projections through the FPGA's fixed-point datapath
         self.w = OnnxWeights(bundle / manifest["decoder"]["filename"])
         self.lin = self.w.linears()
         self.h = int(arch["hidden_size"])
@@ -105,13 +110,20 @@ class NativeDecoder:
             raise BundleError(f"{bundle}: no lm_head projection found (tied embeddings are not "
                               "supported by the native backend)")
         self.weight_bytes = sum(lin.nbytes for lin in self.lin.values()) + self.embed.nbytes
+        self.fixed = {name: fx.fixed_scales(lin.q4) for name, lin in self.lin.items()
+                      if integer and lin.kind == "q4"}
 
     # -- pieces -----------------------------------------------------------------------------
 
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         """x (T, K) @ W of projection ``name`` (+ bias)."""
         lin: Linear = self.lin[name]
-        if lin.kind == "q4":
+        if lin.kind == "q4" and self.integer:
+            ws_fx, ws_frac = self.fixed[name]
+            y = np.stack([fx.q4q8_gemv_fixed_fast(lin.q4, ws_fx, ws_frac,
+                                                  fx.fixed_activation(row, lin.q4.block))
+                          for row in x]).astype(np.float32) / np.float32(2.0**fx.OUT_FRAC)
+        elif lin.kind == "q4":
             y = kernels.q4q8_gemm(x, lin.q4, threads=self.threads)
         elif lin.kind == "q8":
             y = kernels.q8w_gemm(x, lin.q8_codes, lin.q8_scales, threads=self.threads)

@@ -98,5 +98,6 @@ def test_cpu_integer_mode_equals_golden(block, symmetric):
     w = kernels.q4_quantize(rng.standard_normal((512, 48)).astype(np.float32), block, symmetric)
     layer = fx.fixed_layer(w)
     act = fx.fixed_activation(rng.standard_normal(512).astype(np.float32), block)
-    np.testing.assert_array_equal(fx.q4q8_gemv_fixed_fast(w, layer, act),
+    ws_fx, ws_frac = fx.fixed_scales(w)
+    np.testing.assert_array_equal(fx.q4q8_gemv_fixed_fast(w, ws_fx, ws_frac, act),
                                   fx.q4q8_gemv_fixed(layer, act))
