@@ -60,7 +60,49 @@ def dynamic_map_signed() -> np.ndarray:
     return np.sort(np.array(values, dtype=np.float32))
 
 
-DYNAMIC_MAP = dynamic_map_signed()
+#: The same code exactly as bitsandbytes' ``create_dynamic_map(signed=True)`` returns it: its
+#: float32 arithmetic rounds some entries one ulp away from :func:`dynamic_map_signed`, and
+#: double quantization must pick bitsandbytes' codes, so the table is spelled out.
+DYNAMIC_MAP = np.array([
+    -0.99296874, -0.9789063, -0.96484375, -0.9507812, -0.93671876, -0.92265624, -0.9085938,
+    -0.89453125, -0.8804687, -0.86640626, -0.85234374, -0.8382813, -0.82421875, -0.8101562,
+    -0.79609376, -0.78203124, -0.7679688, -0.75390625, -0.7398437, -0.72578126, -0.7117188,
+    -0.6976563, -0.68359375, -0.6695312, -0.65546876, -0.6414063, -0.6273438, -0.61328125,
+    -0.5992187, -0.58515626, -0.5710938, -0.5570313, -0.54296875, -0.5289062, -0.5148437,
+    -0.50078124, -0.4867187, -0.47265625, -0.45859373, -0.44453126, -0.43046874, -0.41640624,
+    -0.40234375, -0.38828123, -0.37421876, -0.36015624, -0.34609374, -0.33203125, -0.31796873,
+    -0.30390626, -0.28984374, -0.27578127, -0.26171875, -0.24765624, -0.23359375, -0.21953125,
+    -0.20546874, -0.19140625, -0.17734376, -0.16328125, -0.14921875, -0.13515624, -0.12109375,
+    -0.107031256, -0.09859375, -0.09578126, -0.092968754, -0.09015625, -0.08734375, -0.08453125,
+    -0.08171876, -0.07890625, -0.07609375, -0.07328125, -0.070468746, -0.067656256, -0.06484375,
+    -0.06203125, -0.059218753, -0.05640625, -0.05359375, -0.05078125, -0.04796875, -0.04515625,
+    -0.042343747, -0.03953125, -0.036718752, -0.03390625, -0.03109375, -0.028281251, -0.02546875,
+    -0.02265625, -0.019843752, -0.01703125, -0.01421875, -0.01140625, -0.00971875, -0.009156249,
+    -0.00859375, -0.00803125, -0.00746875, -0.00690625, -0.00634375, -0.00578125, -0.0052187503,
+    -0.0046562497, -0.00409375, -0.0035312497, -0.00296875, -0.00240625, -0.00184375,
+    -0.0012812499, -0.0009437501, -0.00083125, -0.00071875006, -0.0006062501, -0.00049375003,
+    -0.00038125002, -0.00026875004, -0.00015625001, -8.875e-05, -6.625e-05, -4.375e-05,
+    -2.1249998e-05, -7.75e-06, -3.2500002e-06, -5.5000004e-07, 0.0, 5.5000004e-07, 3.2500002e-06,
+    7.75e-06, 2.1249998e-05, 4.375e-05, 6.625e-05, 8.875e-05, 0.00015625001, 0.00026875004,
+    0.00038125002, 0.00049375003, 0.0006062501, 0.00071875006, 0.00083125, 0.0009437501,
+    0.0012812499, 0.00184375, 0.00240625, 0.00296875, 0.0035312497, 0.00409375, 0.0046562497,
+    0.0052187503, 0.00578125, 0.00634375, 0.00690625, 0.00746875, 0.00803125, 0.00859375,
+    0.009156249, 0.00971875, 0.01140625, 0.01421875, 0.01703125, 0.019843752, 0.02265625,
+    0.02546875, 0.028281251, 0.03109375, 0.03390625, 0.036718752, 0.03953125, 0.042343747,
+    0.04515625, 0.04796875, 0.05078125, 0.05359375, 0.05640625, 0.059218753, 0.06203125,
+    0.06484375, 0.067656256, 0.070468746, 0.07328125, 0.07609375, 0.07890625, 0.08171876,
+    0.08453125, 0.08734375, 0.09015625, 0.092968754, 0.09578126, 0.09859375, 0.107031256,
+    0.12109375, 0.13515624, 0.14921875, 0.16328125, 0.17734376, 0.19140625, 0.20546874,
+    0.21953125, 0.23359375, 0.24765624, 0.26171875, 0.27578127, 0.28984374, 0.30390626,
+    0.31796873, 0.33203125, 0.34609374, 0.36015624, 0.37421876, 0.38828123, 0.40234375,
+    0.41640624, 0.43046874, 0.44453126, 0.45859373, 0.47265625, 0.4867187, 0.50078124, 0.5148437,
+    0.5289062, 0.54296875, 0.5570313, 0.5710938, 0.58515626, 0.5992187, 0.61328125, 0.6273438,
+    0.6414063, 0.65546876, 0.6695312, 0.68359375, 0.6976563, 0.7117188, 0.72578126, 0.7398437,
+    0.75390625, 0.7679688, 0.78203124, 0.79609376, 0.8101562, 0.82421875, 0.8382813, 0.85234374,
+    0.86640626, 0.8804687, 0.89453125, 0.9085938, 0.92265624, 0.93671876, 0.9507812, 0.96484375,
+    0.9789063, 0.99296874, 1.0,
+], dtype=np.float32)
+assert DYNAMIC_MAP.shape == (256,)
 
 
 @dataclass(frozen=True)
@@ -118,10 +160,18 @@ def blockwise_absmax(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]
     return blocks, np.abs(blocks).max(axis=1)
 
 
-def quantize_absmax(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Double quantization: (absmax - mean) as 8-bit dynamic codes in blocks of 256."""
-    offset = float(absmax.mean())
-    blocks, scale = blockwise_absmax(absmax - offset, ABSMAX_BLOCK)
+def quantize_absmax(absmax: np.ndarray, offset: float | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Double quantization: (absmax - mean) as 8-bit dynamic codes in blocks of 256.
+
+    The mean is the correctly rounded float32 mean; bitsandbytes takes torch's float32 mean,
+    which can differ in the last bit (summation order). Pass ``offset`` to reproduce another
+    implementation's codes exactly.
+    """
+    if offset is None:
+        offset = float(np.float32(absmax.astype(np.float64).mean()))
+    offset = float(np.float32(offset))
+    blocks, scale = blockwise_absmax(absmax - np.float32(offset), ABSMAX_BLOCK)
     safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
     q = nearest_code(blocks / safe[:, None], DYNAMIC_MAP).reshape(-1)[: absmax.size]
     return q, scale.astype(np.float32), offset
@@ -133,12 +183,13 @@ def dequantize_absmax(q: np.ndarray, scale: np.ndarray, offset: float) -> np.nda
     return (DYNAMIC_MAP[q] * scale[idx] + np.float32(offset)).astype(np.float32)
 
 
-def nf4_quantize(w: np.ndarray) -> NF4Tensor:
-    """Quantize a float tensor to NF4 with double quantization (QLoRA)."""
+def nf4_quantize(w: np.ndarray, absmax_offset: float | None = None) -> NF4Tensor:
+    """Quantize a float tensor to NF4 with double quantization (QLoRA); ``absmax_offset``
+    as in :func:`quantize_absmax`."""
     blocks, absmax = blockwise_absmax(w, NF4_BLOCK)
     safe = np.where(absmax == 0, 1.0, absmax)
     codes = nearest_code(blocks / safe[:, None], NF4_CODE).reshape(-1)[: w.size]
-    absmax_q, absmax_scale, offset = quantize_absmax(absmax)
+    absmax_q, absmax_scale, offset = quantize_absmax(absmax, absmax_offset)
     return NF4Tensor(pack_nibbles(codes), absmax_q, absmax_scale, offset, tuple(w.shape))
 
 

@@ -137,7 +137,7 @@ int main() {
     return tb, "".join(vec)
 
 
-def _tcl(top_layer: fx.FixedQ4Layer) -> str:
+def _tcl() -> str:
     return f"""# Vitis HLS: C simulation and synthesis of the Q4 x Q8 GEMV for one projection shape.
 #   vitis_hls -f run_hls.tcl
 open_project -reset edgetune_q4q8
@@ -182,7 +182,7 @@ def export_fpga(model_dir: str | Path, out: str | Path, block: int = 32, force: 
             f"// shape of the synthesised GEMV (the first projection of layer 0)\n"
             f"#define ET_K {top.k}\n#define ET_N {top.n}\n#define ET_BLOCK {top.block}\n"
             f"#define ET_NF4_NUMEL {top.k * top.n}\n")
-        (tmp / "run_hls.tcl").write_text(_tcl(top))
+        (tmp / "run_hls.tcl").write_text(_tcl())
         (tmp / "fpga.json").write_text(json.dumps({
             "model": str(model_dir.resolve()), "block": block, "out_frac_bits": fx.OUT_FRAC,
             "activation": "int8 codes, int16 block scales Q(xs_frac) chosen per vector",

@@ -77,3 +77,22 @@ def test_native_backend_matches_ort(family, make_model, tmp_path):
         if quant == "none":
             cfg = SamplingConfig(max_new_tokens=12)
             assert list(ort_m.generate_ids(ids, cfg)) == list(nat_m.generate_ids(ids, cfg))
+
+
+def test_int4_weights_at_most_02x_fp32_for_weight_dominated_model(tmp_path, tiny_model):
+    """Projections dominate (small vocabulary, wide MLP): int4 bundle weights <= 0.2x fp32."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=3072, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                      bos_token_id=0, eos_token_id=5, pad_token_id=1)
+    src = tmp_path / "llama"
+    LlamaForCausalLM(cfg).save_pretrained(src, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model / name, src / name)
+    out = export(src, tmp_path / "b", ExportConfig(quant="int4", report_tokens=4), log=lambda s: None)
+    report = json.loads((out / "report.json").read_text())
+    assert report["file_bytes"]["model.onnx.data"] <= 0.2 * report["fp32_onnx_weight_bytes"]

@@ -123,3 +123,15 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(tiny_model, task_data, tmp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_checkpointing_and_accumulation_give_the_same_losses(tiny_model, task_data, tmp_path):
+    plain = train(cfg_for(tiny_model, task_data, tmp_path / "a", max_steps=3, eval_data=None),
+                  progress=False)
+    ckpt = train(cfg_for(tiny_model, task_data, tmp_path / "b", max_steps=3, eval_data=None,
+                         gradient_checkpointing=True), progress=False)
+    assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5)
+    # 2 micro-batches of 4 = one batch of 8: same data, same token-weighted loss and update
+    accum = train(cfg_for(tiny_model, task_data, tmp_path / "c", max_steps=3, eval_data=None,
+                          batch_size=4, grad_accum=2), progress=False)
+    assert losses(accum)[0] == pytest.approx(losses(plain)[0], rel=1e-5)
