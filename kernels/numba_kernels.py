@@ -91,7 +91,7 @@ def q4q8_gemm(xq, xs, packed, scales, zps, out):  # pragma: no cover - compiled
             out[m, r] = acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=True)
 def stream_sum(a):  # pragma: no cover - compiled
     """Sum of a large array: the read-bandwidth probe of the benchmarks."""
     s = np.float32(0.0)

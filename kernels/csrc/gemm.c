@@ -66,56 +66,64 @@ static inline __m256i unpack32(const uint8_t *p) {
     return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
 }
 
-#define ET_MAX_M 16
+/* One output row n, one activation row: sum_b scale_b * (sum_k q*x - zp_b * sum_k x), with
+ * the q*x products accumulated in vectors and the block scale applied as a vector FMA, so
+ * there is one horizontal sum per output, not one per block. */
 __attribute__((target("avx2,fma")))
-static void q4_gemm_f32_rows_avx2(const float *x, const uint8_t *packed, const float *scales,
-                                  const uint8_t *zps, float *y, size_t m, size_t n, size_t k,
-                                  size_t block, size_t r0, size_t r1) {
-    size_t nb = k / block;
-    for (size_t r = r0; r < r1; r++) {
-        for (size_t i0 = 0; i0 < m; i0 += ET_MAX_M) {
-            size_t mm = m - i0 < ET_MAX_M ? m - i0 : ET_MAX_M;
-            float acc[ET_MAX_M] = {0};
-            for (size_t b = 0; b < nb; b++) {
-                const __m256 z = _mm256_set1_ps((float)zps[r * nb + b]);
-                __m256 dots[ET_MAX_M];
-                for (size_t i = 0; i < mm; i++) dots[i] = _mm256_setzero_ps();
-                for (size_t c = 0; c < block; c += 32) {
-                    __m256i q = unpack32(packed + (r * nb + b) * (block / 2) + c / 2);
-                    __m128i qa = _mm256_castsi256_si128(q), qb = _mm256_extracti128_si256(q, 1);
-                    __m256 w0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(qa)), z);
-                    __m256 w1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(qa, 8))), z);
-                    __m256 w2 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(qb)), z);
-                    __m256 w3 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(qb, 8))), z);
-                    for (size_t i = 0; i < mm; i++) {
-                        const float *xr = x + (i0 + i) * k + b * block + c;
-                        __m256 d = dots[i];
-                        d = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), d);
-                        d = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), d);
-                        d = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), d);
-                        d = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), d);
-                        dots[i] = d;
-                    }
-                }
-                float s = scales[r * nb + b];
-                for (size_t i = 0; i < mm; i++) acc[i] += hsum256(dots[i]) * s;
-            }
-            for (size_t i = 0; i < mm; i++) y[(i0 + i) * n + r] = acc[i];
+static float q4_dot_f32_avx2(const float *x, const float *xsum, const uint8_t *p, const float *sc,
+                             const uint8_t *zp, size_t nb, size_t block) {
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    for (size_t b = 0; b < nb; b++) {
+        __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+        for (size_t c = 0; c < block; c += 32) {
+            __m256i q = unpack32(p + (b * block + c) / 2);
+            __m128i qa = _mm256_castsi256_si128(q), qb = _mm256_extracti128_si256(q, 1);
+            const float *xb = x + b * block + c;
+            d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(qa)), _mm256_loadu_ps(xb), d0);
+            d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(qa, 8))),
+                                 _mm256_loadu_ps(xb + 8), d1);
+            d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(qb)), _mm256_loadu_ps(xb + 16), d0);
+            d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(qb, 8))),
+                                 _mm256_loadu_ps(xb + 24), d1);
         }
+        acc = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(sc[b]), acc);
+        corr += (float)zp[b] * xsum[b] * sc[b];
     }
+    return hsum256(acc) - corr;
+}
+
+__attribute__((target("avx2,fma")))
+static void q4_gemm_f32_rows_avx2(const float *x, const float *xsum, const uint8_t *packed,
+                                  const float *scales, const uint8_t *zps, float *y, size_t m,
+                                  size_t n, size_t k, size_t block, size_t r0, size_t r1) {
+    size_t nb = k / block;
+    for (size_t r = r0; r < r1; r++)
+        for (size_t i = 0; i < m; i++)
+            y[i * n + r] = q4_dot_f32_avx2(x + i * k, xsum + i * nb, packed + r * nb * (block / 2),
+                                           scales + r * nb, zps + r * nb, nb, block);
 }
 #endif
 
 void et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zps,
                     float *y, size_t m, size_t n, size_t k, size_t block, int threads, int use_simd) {
+    size_t nb = k / block;
+    float xsum_stack[4096];
+    int simd = use_simd && block % 32 == 0 && m * nb <= 4096;
+    if (simd) /* sum of each activation block, to fold the zero point in */
+        for (size_t i = 0; i < m * nb; i++) {
+            float s = 0.0f;
+            for (size_t j = 0; j < block; j++) s += x[i * block + j];
+            xsum_stack[i] = s;
+        }
     int nt = threads > 0 ? threads : 1;
     #pragma omp parallel num_threads(nt)
     {
         size_t r0, r1;
         thread_rows(n, &r0, &r1);
 #ifdef ET_X86
-        if (use_simd && block % 32 == 0)
-            q4_gemm_f32_rows_avx2(x, packed, scales, zps, y, m, n, k, block, r0, r1);
+        if (simd)
+            q4_gemm_f32_rows_avx2(x, xsum_stack, packed, scales, zps, y, m, n, k, block, r0, r1);
         else
 #endif
             q4_gemm_f32_rows(x, packed, scales, zps, y, m, n, k, block, r0, r1);
@@ -147,14 +155,9 @@ static void q4q8_rows(const int8_t *xq, const float *xs, const uint8_t *packed, 
 }
 
 #ifdef ET_X86
-__attribute__((target("avx2,fma")))
-static inline int32_t hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    return _mm_cvtsi128_si32(s);
-}
-
+/* int8 x uint4 products with maddubs (u8 x s8 -> s16 pairs; |15 * 127 * 2| fits), pairs to
+ * int32 with madd, the block's int32 lanes converted to float and scaled by ws * xs in a vector
+ * FMA: one horizontal sum per output. The zero point folds in as zp * sum(xq) per block. */
 __attribute__((target("avx2,fma")))
 static void q4q8_rows_avx2(const int8_t *xq, const float *xs, const uint8_t *packed,
                            const float *scales, const uint8_t *zps, float *y, size_t m, size_t n,
@@ -162,20 +165,22 @@ static void q4q8_rows_avx2(const int8_t *xq, const float *xs, const uint8_t *pac
     size_t nb = k / block;
     const __m256i ones = _mm256_set1_epi16(1);
     for (size_t r = r0; r < r1; r++) {
+        const uint8_t *p = packed + r * nb * (block / 2);
         for (size_t i = 0; i < m; i++) {
-            float acc = 0.0f;
+            __m256 acc = _mm256_setzero_ps();
+            float corr = 0.0f;
             for (size_t b = 0; b < nb; b++) {
                 __m256i dot = _mm256_setzero_si256();
                 for (size_t c = 0; c < block; c += 32) {
-                    __m256i q = unpack32(packed + (r * nb + b) * (block / 2) + c / 2);
+                    __m256i q = unpack32(p + (b * block + c) / 2);
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * k + b * block + c));
-                    /* u8 x s8 -> s16 pairs (|15 * 127 * 2| fits), then pairs -> s32 */
                     dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
                 }
-                int32_t s = hsum_epi32(dot) - (int32_t)zps[r * nb + b] * xsum[i * nb + b];
-                acc += (float)s * (scales[r * nb + b] * xs[i * nb + b]);
+                float s = scales[r * nb + b] * xs[i * nb + b];
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s), acc);
+                corr += (float)((int32_t)zps[r * nb + b] * xsum[i * nb + b]) * s;
             }
-            y[i * n + r] = acc;
+            y[i * n + r] = hsum256(acc) - corr;
         }
     }
 }
