@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export to an ONNX bundle (int4 by default)",
                        description="Optimum ONNX export with KV cache, weight quantization, a "
                        "parity report, and a verified bundle.")
-    p.add_argument("model", help="merged HF model dir")
+    p.add_argument("model", help="merged HF model dir (with --target fpga also a bundle)")
     p.add_argument("--out", required=True, help="bundle dir to create")
     p.add_argument("--target", choices=("onnx", "fpga"), default="onnx",
                    help="onnx: the bundle; fpga: an HLS project with the weights as memory images")

@@ -99,6 +99,14 @@ def block_sums(layer: FixedQ4Layer, act: FixedActivation) -> np.ndarray:
     return np.einsum("nbk,bk->nb", w, x).astype(np.int32)
 
 
+def q4_dequant_fixed(layer: FixedQ4Layer) -> np.ndarray:
+    """Integer Q4 dequantization: (q - zp) × ws_fx -> int32 (N, K) in Q(ws_frac)."""
+    nb = layer.k // layer.block
+    w = layer.codes.astype(np.int32).reshape(layer.n, nb, layer.block)
+    w -= layer.zero_points.astype(np.int32)[..., None]
+    return (w * layer.ws_fx.astype(np.int32)[..., None]).reshape(layer.n, layer.k)
+
+
 def round_shift(acc: np.ndarray, shift: int) -> np.ndarray:
     """(acc + 2^(shift-1)) >> shift with arithmetic shift (floor), saturated to int32."""
     acc = acc.astype(np.int64)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import kernels
-from ..bundle import commit_dir
-from ..errors import OutputExistsError
+from ..bundle import MANIFEST, commit_dir
+from ..errors import ConfigError, OutputExistsError
 from ..kernels import fixed_point as fx
 from ..models import check_model_dir
 from .hls import c_array, hls_sources
@@ -63,6 +63,27 @@ def _record_layer0_inputs(model_dir: Path, prompt: str) -> dict[str, np.ndarray]
     for h in hooks:
         h.remove()
     return seen
+
+
+def _from_bundle(bundle: Path, prompt: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Q4 weights exactly as the bundle ships them, and layer 0's inputs recorded while the
+    native backend (torch-free) reads ``prompt``."""
+    from ..runtime import Model
+
+    model = Model.load(bundle, backend="native")
+    dec = model.decoder
+    weights = {name: lin.q4 for name, lin in dec.lin.items() if lin.kind == "q4"}
+    seen: dict[str, np.ndarray] = {}
+    plain = dec.linear
+
+    def recording(x, name):
+        if name.startswith("model.layers.0."):
+            seen[name] = np.array(x[-1])
+        return plain(x, name)
+
+    dec.linear = recording
+    dec.forward(np.array([model.encode(prompt)]))
+    return weights, seen
 
 
 def _safe(name: str) -> str:
@@ -155,26 +176,35 @@ exit
 
 def export_fpga(model_dir: str | Path, out: str | Path, block: int = 32, force: bool = False,
                 prompt: str = "turn on the kitchen lights at 7pm") -> Path:
-    """Write the HLS project for a merged HF model dir; returns ``out``."""
+    """Write the HLS project for a merged HF model dir (quantized here with ``block``) or a
+    bundle (its own int4 weights, as shipped); returns ``out``."""
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: output exists (use --force to replace it)")
-    check_model_dir(model_dir)
-    weights = _projection_weights(model_dir)
+    if (model_dir / MANIFEST).is_file():
+        q4, inputs = _from_bundle(model_dir, prompt)
+        if not q4:
+            raise ConfigError(f"{model_dir}: bundle has no int4 projections; export it with "
+                              "--quant int4 first")
+        block = next(iter(q4.values())).block
+    else:
+        check_model_dir(model_dir)
+        q4 = {name: kernels.q4_quantize(np.ascontiguousarray(w.T), block)
+              for name, w in _projection_weights(model_dir).items()}
+        inputs = _record_layer0_inputs(model_dir, prompt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "hls").mkdir()
         (tmp / "weights").mkdir()
-        for f in ("q4q8_gemv.h", "nf4_dequant.h", "top.cpp"):
+        for f in ("q4q8_gemv.h", "q4_dequant.h", "nf4_dequant.h", "top.cpp"):
             shutil.copy(hls_sources() / f, tmp / "hls" / f)
         layers, entries = {}, []
-        for name, w in weights.items():
-            layer = fx.fixed_layer(kernels.q4_quantize(np.ascontiguousarray(w.T), block))
-            layers[name] = layer
-            entries.append(_write_layer_files(tmp / "weights", name, layer))
-        layer0 = {n: lay for n, lay in layers.items() if ".layers.0." in n}
-        tb, vectors = _layer0_testbench(layer0, _record_layer0_inputs(model_dir, prompt))
+        for name, w in q4.items():
+            layers[name] = fx.fixed_layer(w)
+            entries.append(_write_layer_files(tmp / "weights", name, layers[name]))
+        layer0 = {n: lay for n, lay in layers.items() if n.startswith("model.layers.0.")}
+        tb, vectors = _layer0_testbench(layer0, inputs)
         (tmp / "tb_layer0.cpp").write_text(tb)
         (tmp / "tb_layer0_vectors.h").write_text(vectors)
         top = next(iter(layer0.values()))

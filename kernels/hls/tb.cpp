@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "nf4_dequant.h"
+#include "q4_dequant.h"
 #include "q4q8_gemv.h"
 #include "tb_vectors.h"
 
@@ -28,6 +29,14 @@ int main() {
             bad++;
         }
     }
+    static ap_int<32> w_deq[TB_N * TB_K];
+    q4_dequant<TB_K, TB_N, TB_BLOCK>(w_packed, w_zp, w_scale, w_deq);
+    for (int i = 0; i < TB_N * TB_K; i++) {
+        if (w_deq[i].to_int64() != (long long)TB_W_DEQ[i]) {
+            if (bad < 5) std::printf("q4 dequant[%d] = %lld, golden %lld\n", i, (long long)w_deq[i].to_int64(), (long long)TB_W_DEQ[i]);
+            bad++;
+        }
+    }
     static ap_uint<8> nf4_packed[TB_NF4_NUMEL / 2];
     static ap_int<16> nf4_absmax[TB_NF4_NUMEL / 64];
     static ap_int<32> nf4_out[TB_NF4_NUMEL];
@@ -40,7 +49,7 @@ int main() {
             bad++;
         }
     }
-    std::printf("%s: %d mismatches (%d gemv outputs, %d nf4 values)\n", bad ? "FAIL" : "PASS", bad,
-                TB_N, TB_NF4_NUMEL);
+    std::printf("%s: %d mismatches (%d gemv outputs, %d q4 and %d nf4 values)\n", bad ? "FAIL" : "PASS",
+                bad, TB_N, TB_N * TB_K, TB_NF4_NUMEL);
     return bad != 0;
 }

@@ -3,6 +3,7 @@
 // small activation / scale buffers.
 #include "config.h"
 #include "nf4_dequant.h"
+#include "q4_dequant.h"
 #include "q4q8_gemv.h"
 
 void q4q8_gemv_top(const wbyte_t w_packed[ET_N * ET_K / 2], const zp_t w_zp[ET_N * (ET_K / ET_BLOCK)],
@@ -26,4 +27,14 @@ void nf4_dequant_top(const ap_uint<8> packed[ET_NF4_NUMEL / 2], const ap_int<16>
 #pragma HLS INTERFACE m_axi port = out offset = slave bundle = gmem2 depth = ET_NF4_NUMEL
 #pragma HLS INTERFACE s_axilite port = return bundle = control
     nf4_dequant<ET_NF4_NUMEL>(packed, absmax, out);
+}
+
+void q4_dequant_top(const ap_uint<8> w_packed[ET_N * ET_K / 2], const ap_uint<4> w_zp[ET_N * (ET_K / ET_BLOCK)],
+                    const ap_int<16> w_scale[ET_N * (ET_K / ET_BLOCK)], ap_int<32> out[ET_N * ET_K]) {
+#pragma HLS INTERFACE m_axi port = w_packed offset = slave bundle = gmem0 depth = ET_N * ET_K / 2
+#pragma HLS INTERFACE m_axi port = w_zp offset = slave bundle = gmem1 depth = ET_N * (ET_K / ET_BLOCK)
+#pragma HLS INTERFACE m_axi port = w_scale offset = slave bundle = gmem1 depth = ET_N * (ET_K / ET_BLOCK)
+#pragma HLS INTERFACE m_axi port = out offset = slave bundle = gmem2 depth = ET_N * ET_K
+#pragma HLS INTERFACE s_axilite port = return bundle = control
+    q4_dequant<ET_K, ET_N, ET_BLOCK>(w_packed, w_zp, w_scale, out);
 }

@@ -101,3 +101,21 @@ def test_cpu_integer_mode_equals_golden(block, symmetric):
     ws_fx, ws_frac = fx.fixed_scales(w)
     np.testing.assert_array_equal(fx.q4q8_gemv_fixed_fast(w, ws_fx, ws_frac, act),
                                   fx.q4q8_gemv_fixed(layer, act))
+
+
+def test_fpga_export_from_a_bundle_uses_its_int4_weights(int4_bundle, tmp_path):
+    import subprocess
+
+    from edgetune.fpga.project import export_fpga
+    from edgetune.runtime.weights import OnnxWeights
+
+    out = export_fpga(int4_bundle, tmp_path / "hls")
+    shipped = OnnxWeights(int4_bundle / "model.onnx").linears()["model.layers.0.self_attn.o_proj"]
+    mem = read_mem(out / "weights" / "model_layers_0_self_attn_o_proj.w.mem")
+    assert mem == shipped.q4.packed.tobytes()
+    tb = tmp_path / "tb"
+    subprocess.run(["g++", "-std=c++14", "-O1", "-I", str(hls.ap_types_dir()), "-I",
+                    str(out / "hls"), "-I", str(out), str(out / "tb_layer0.cpp"), "-o", str(tb)],
+                   check=True, capture_output=True)
+    run = subprocess.run([str(tb)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.count("bit-exact") == 4, run.stdout
