@@ -1,0 +1,129 @@
+"""``edgetune bench train``: QLoRA / QDoRA step time and peak memory against the usual stack.
+
+A Phi-3-shaped model with random weights (values do not matter for speed), large enough
+that weights dominate memory, trained for a few steps with the same batch in four setups,
+each in its own process so its peak RSS is its own:
+
+* ``lora-fp32``   PEFT LoRA over plain fp32 ``nn.Linear`` (edgetune's ``lora``)
+* ``qlora``       PEFT LoRA over edgetune's ``NF4Linear`` (edgetune's default)
+* ``qdora``       PEFT DoRA over ``NF4Linear``
+* ``bnb-qlora``   PEFT LoRA over bitsandbytes ``Linear4bit`` (NF4, double quant), its CPU backend
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import time
+
+SETUPS = ("lora-fp32", "qlora", "qdora", "bnb-qlora")
+
+
+def _model(hidden: int, layers: int, vocab: int):
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                     num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                     num_key_value_heads=hidden // 64, max_position_embeddings=1024,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.device("cpu"):
+        return Phi3ForCausalLM(cfg).float()
+
+
+def _bnb_quantize(model):
+    import bitsandbytes as bnb
+    import torch
+
+    from ..train.nf4 import linear_targets
+
+    for name in linear_targets(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, compress_statistics=True,
+                              quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+        q = q.to("cpu")  # quantizes on the move to a device
+        setattr(parent, child, q)
+    return model
+
+
+def _run(setup: str, hidden: int, layers: int, vocab: int, batch: int, seq: int, steps: int,
+         out: mp.Queue) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ..train.nf4 import quantize_model_nf4
+
+    model = _model(hidden, layers, vocab)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if setup in ("qlora", "qdora"):
+        quantize_model_nf4(model)
+    elif setup == "bnb-qlora":
+        _bnb_quantize(model)
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                            use_dora=setup == "qdora", task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, vocab, (batch, seq))
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = peft(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in model.parameters())
+    out.put({"name": setup, "ms": 1e3 * sorted(times[1:])[len(times[1:]) // 2],
+             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             "params_m": n_params / 1e6})
+
+
+def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int = 1,
+          seq: int = 128, steps: int = 3, log=print) -> list[dict]:
+    """Run every setup in a fresh process; ratios are against bitsandbytes and fp32 LoRA."""
+    ctx = mp.get_context("spawn")
+    results = []
+    for setup in SETUPS:
+        q = ctx.Queue()
+        p = ctx.Process(target=_run, args=(setup, hidden, layers, vocab, batch, seq, steps, q))
+        p.start()
+        p.join()
+        if p.exitcode != 0 or q.empty():
+            log(f"{setup}: failed (exit code {p.exitcode})")
+            continue
+        r = q.get()
+        log(f"{setup}: {r['ms']:.0f} ms/step, peak RSS {r['peak_rss_mb']:.0f} MB")
+        results.append(r)
+    by = {r["name"]: r for r in results}
+    for r in results:
+        for base in ("bnb-qlora", "lora-fp32"):
+            if base in by and r["name"] != base:
+                r[f"step_time_vs_{base}"] = r["ms"] / by[base]["ms"]
+                r[f"peak_rss_vs_{base}"] = r["peak_rss_mb"] / by[base]["peak_rss_mb"]
+        if r["name"] != "bnb-qlora" and "bnb-qlora" in by:
+            r.update(baseline="bnb-qlora", ratio=by["bnb-qlora"]["ms"] / r["ms"])
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    lines = [f"{'setup':<12}{'ms/step':>10}{'peak RSS MB':>13}{'vs bnb (time)':>15}"
+             f"{'vs fp32 LoRA (time)':>21}{'vs fp32 LoRA (RSS)':>20}"]
+    for r in results:
+        lines.append(f"{r['name']:<12}{r['ms']:>10.0f}{r['peak_rss_mb']:>13.0f}"
+                     f"{r.get('step_time_vs_bnb-qlora', float('nan')):>15.2f}"
+                     f"{r.get('step_time_vs_lora-fp32', float('nan')):>21.2f}"
+                     f"{r.get('peak_rss_vs_lora-fp32', float('nan')):>20.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    res = bench()
+    print(format_results(res))
+    print(json.dumps(res))
