@@ -43,8 +43,7 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module):  # x (..., in) -> (..., out)
         ctx.module = module
-        w = module.dequantize().to(x.dtype)
-        return x @ w.t()
+        return torch.nn.functional.linear(x, module.dequantize().to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -40,6 +40,8 @@ static void nf4_dequantize_avx2(const uint8_t *packed, const float *absmax, cons
     const __m256 lo = _mm256_loadu_ps(code), hi = _mm256_loadu_ps(code + 8);
     const __m128i mask = _mm_set1_epi8(0x0F);
     size_t full = n / 64;
+    /* blocks are independent: split them over the cores (OpenMP) when the tensor is large */
+    #pragma omp parallel for schedule(static) if (full >= 4096)
     for (size_t b = 0; b < full; b++) {
         const __m256 am = _mm256_set1_ps(absmax[b]);
         const uint8_t *p = packed + b * 32;
