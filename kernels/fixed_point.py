@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .reference import NF4_CODE, Q4Weight, q8_quantize
+from .reference import NF4_CODE, Q4Weight, pack_nibbles, q8_quantize
 
 OUT_FRAC = 16
 SCALE_BITS = 15  # magnitude bits of an int16 scale
@@ -64,6 +64,10 @@ class FixedQ4Layer:
     @property
     def n(self) -> int:
         return self.codes.shape[0]
+
+    def packed(self) -> np.ndarray:
+        """The codes as MatMulNBits bytes, (N, K/2), element 2j in the low nibble."""
+        return pack_nibbles(self.codes).reshape(self.n, self.k // 2)
 
 
 def fixed_layer(w: Q4Weight) -> FixedQ4Layer:

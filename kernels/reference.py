@@ -179,8 +179,8 @@ def quantize_absmax(absmax: np.ndarray, offset: float | None = None
 
 def dequantize_absmax(q: np.ndarray, scale: np.ndarray, offset: float) -> np.ndarray:
     """fp32 absmax per NF4 block from its double-quantized form."""
-    idx = np.arange(q.size) // ABSMAX_BLOCK
-    return (DYNAMIC_MAP[q] * scale[idx] + np.float32(offset)).astype(np.float32)
+    per_value = np.repeat(scale, ABSMAX_BLOCK)[: q.size]
+    return (DYNAMIC_MAP[q] * per_value + np.float32(offset)).astype(np.float32)
 
 
 def nf4_quantize(w: np.ndarray, absmax_offset: float | None = None) -> NF4Tensor:

@@ -10,7 +10,9 @@ Weight values do not matter for speed, so packed bytes and scales are random.
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,25 +170,18 @@ def _dequant_results(weights: list[Q4Weight], copy_bw: float, rng) -> list[Bench
     return res
 
 
-class _forced:
-    """Context manager forcing EDGETUNE_KERNELS to one backend."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def __enter__(self):
-        import os
-
-        self.old = os.environ.get("EDGETUNE_KERNELS")
-        os.environ["EDGETUNE_KERNELS"] = self.backend
-
-    def __exit__(self, *exc):
-        import os
-
-        if self.old is None:
+@contextmanager
+def _forced(backend: str):
+    """Force EDGETUNE_KERNELS to one backend for the duration of a block."""
+    old = os.environ.get("EDGETUNE_KERNELS")
+    os.environ["EDGETUNE_KERNELS"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
             os.environ.pop("EDGETUNE_KERNELS", None)
         else:
-            os.environ["EDGETUNE_KERNELS"] = self.old
+            os.environ["EDGETUNE_KERNELS"] = old
 
 
 def format_results(results: list[BenchResult]) -> str:

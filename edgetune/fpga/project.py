@@ -91,7 +91,7 @@ def _safe(name: str) -> str:
 
 
 def _write_layer_files(wdir: Path, name: str, layer: fx.FixedQ4Layer) -> dict:
-    packed = (layer.codes[:, 0::2] | (layer.codes[:, 1::2] << 4)).astype(np.uint8)
+    packed = layer.packed()
     base = _safe(name)
     note = f"{name}: (N={layer.n}, K={layer.k}), block {layer.block}"
     write_mem(wdir / f"{base}.w.mem", packed, 1, note + ", packed 4-bit codes, low nibble first")
@@ -113,40 +113,20 @@ def _layer0_testbench(layers: dict[str, fx.FixedQ4Layer], inputs: dict[str, np.n
     for i, (name, layer) in enumerate(layers.items()):
         act = fx.fixed_activation(inputs[name], layer.block)
         y = fx.q4q8_gemv_fixed(layer, act)
-        packed = (layer.codes[:, 0::2] | (layer.codes[:, 1::2] << 4)).astype(np.uint8)
+        packed = layer.packed()
         vec.append(f"namespace p{i} {{  // {name}\n" + c_array("W", "unsigned char", packed)
                    + c_array("ZP", "unsigned char", layer.zero_points)
                    + c_array("WS", "short", layer.ws_fx) + c_array("X", "signed char", act.xq)
                    + c_array("XS", "short", act.xs_fx) + c_array("Y", "long long", y) + "}\n")
         shift = layer.ws_frac + act.xs_frac - fx.OUT_FRAC
-        calls.append(f'    bad += check<{layer.k}, {layer.n}, {layer.block}>("{name}", p{i}::W, '
+        calls.append(f'    bad += check_gemv<{layer.k}, {layer.n}, {layer.block}>("{name}", p{i}::W, '
                      f"p{i}::ZP, p{i}::WS, p{i}::X, p{i}::XS, {shift}, p{i}::Y);")
     tb = """// Runs every projection of decoder layer 0 on activations recorded from the model and
 // compares the HLS kernel's outputs with the golden model's, bit for bit. Exit 0 = all equal.
 #include <cstdio>
 
-#include "q4q8_gemv.h"
+#include "tb_check.h"
 #include "tb_layer0_vectors.h"
-
-template <int K, int N, int B>
-int check(const char *name, const unsigned char *w, const unsigned char *zp, const short *ws,
-          const signed char *x, const short *xs, int shift, const long long *golden) {
-    static wbyte_t w_[N * K / 2];
-    static zp_t zp_[N * (K / B)];
-    static scale_t ws_[N * (K / B)];
-    static act_t x_[K];
-    static scale_t xs_[K / B];
-    static out_t y[N];
-    for (int i = 0; i < N * K / 2; i++) w_[i] = w[i];
-    for (int i = 0; i < N * (K / B); i++) { zp_[i] = zp[i]; ws_[i] = ws[i]; }
-    for (int i = 0; i < K; i++) x_[i] = x[i];
-    for (int i = 0; i < K / B; i++) xs_[i] = xs[i];
-    q4q8_gemv<K, N, B>(w_, zp_, ws_, x_, xs_, shift, y);
-    int bad = 0;
-    for (int n = 0; n < N; n++) bad += y[n].to_int64() != golden[n];
-    std::printf("%-40s N=%-5d K=%-5d %s\\n", name, N, K, bad ? "MISMATCH" : "bit-exact");
-    return bad;
-}
 
 int main() {
     int bad = 0;
@@ -197,7 +177,7 @@ def export_fpga(model_dir: str | Path, out: str | Path, block: int = 32, force: 
     try:
         (tmp / "hls").mkdir()
         (tmp / "weights").mkdir()
-        for f in ("q4q8_gemv.h", "q4_dequant.h", "nf4_dequant.h", "top.cpp"):
+        for f in ("q4q8_gemv.h", "q4_dequant.h", "nf4_dequant.h", "top.cpp", "tb_check.h"):
             shutil.copy(hls_sources() / f, tmp / "hls" / f)
         layers, entries = {}, []
         for name, w in q4.items():
