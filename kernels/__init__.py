@@ -19,7 +19,7 @@ from .reference import NF4_BLOCK, NF4_CODE, Q4_BLOCK_SIZES, NF4Tensor, Q4Weight
 __all__ = [
     "NF4Tensor", "Q4Weight", "NF4_CODE", "NF4_BLOCK", "Q4_BLOCK_SIZES", "backend",
     "available_backends", "nf4_quantize", "nf4_dequantize", "q4_quantize", "q4_dequantize",
-    "q4_gemm", "q4q8_gemm", "q8w_gemm", "q8_weight_quantize", "reference",
+    "q4_gemm", "q4q8_gemm", "nf4_gemv", "q8w_gemm", "q8_weight_quantize", "reference",
 ]
 
 BACKENDS = ("cython", "numba", "reference")
@@ -90,7 +90,8 @@ def _check_nf4(t: NF4Tensor) -> None:
     _check(t.absmax_q, "absmax_q", np.uint8, 1)
     _check(t.absmax_scale, "absmax_scale", np.float32, 1)
     nblocks = -(-t.numel // NF4_BLOCK)
-    if t.packed.size != -(-t.numel // 2) or t.absmax_q.size != nblocks:
+    if (t.packed.size != -(-t.numel // 2) or t.absmax_q.size != nblocks
+            or t.absmax_scale.size != -(-nblocks // reference.ABSMAX_BLOCK)):
         raise ValueError(f"NF4 tensor of shape {t.shape} has inconsistent packed/absmax sizes")
 
 
@@ -105,6 +106,10 @@ def nf4_dequantize(t: NF4Tensor, out: np.ndarray | None = None) -> np.ndarray:
     name = backend("nf4_dequantize")
     if name == "reference":
         out[...] = reference.nf4_dequantize(t)
+        return out
+    if name == "cython":  # absmax dequantized on the fly: no per-call array
+        _load(name).nf4_dequantize(t.packed, t.absmax_q, t.absmax_scale, t.absmax_offset,
+                                   reference.DYNAMIC_MAP, NF4_CODE, out.reshape(-1))
         return out
     absmax = reference.dequantize_absmax(t.absmax_q, t.absmax_scale, t.absmax_offset)
     _load(name).nf4_dequantize(t.packed, absmax, NF4_CODE, out.reshape(-1))
@@ -133,15 +138,23 @@ def _check_q4(w: Q4Weight) -> None:
         raise ValueError(f"Q4 weight arrays do not match K={w.k}, N={w.n}, block={w.block}")
 
 
-def q4_dequantize(w: Q4Weight) -> np.ndarray:
-    """The (K, N) fp32 weight of a MatMulNBits-packed Q4 weight."""
+def q4_dequantize(w: Q4Weight, out: np.ndarray | None = None) -> np.ndarray:
+    """The (K, N) fp32 weight of a MatMulNBits-packed Q4 weight (a transposed view of an
+    (N, K) buffer); written into ``out`` when given, which must be such a view."""
     _check_q4(w)
+    if out is not None:
+        if not isinstance(out, np.ndarray) or out.shape != (w.k, w.n):
+            raise ValueError(f"out must be a ({w.k}, {w.n}) array")
+        _check(out.T, "out.T", np.float32)
     name = backend("q4_dequantize_nk")
     if name == "reference":
-        return reference.q4_dequantize(w)
-    out = np.empty((w.n, w.k), np.float32)
-    _load(name).q4_dequantize_nk(w.packed, w.scales, w.zp_values, out)
-    return out.T
+        if out is None:
+            return reference.q4_dequantize(w)
+        out[...] = reference.q4_dequantize(w)
+        return out
+    buf = np.empty((w.n, w.k), np.float32) if out is None else out.T
+    _load(name).q4_dequantize_nk(w.packed, w.scales, w.zp_values, buf)
+    return buf.T
 
 
 def _threads(threads: int | None) -> int:
@@ -157,11 +170,12 @@ def _gemm(kind: str, x: np.ndarray, w: Q4Weight, threads: int | None) -> np.ndar
     name = backend(kind)
     if name == "reference":
         return getattr(reference, kind)(x, w)
-    args: tuple = (x,) if kind == "q4_gemm" else reference.q8_quantize(x, w.block)
     out = np.empty((x.shape[0], w.n), np.float32)
-    if name == "cython":
-        getattr(_load(name), kind)(*args, w.packed, w.scales, w.zp_values, out, _threads(threads))
+    if name == "cython":  # quantizes x itself; reads no zero points for a symmetric weight
+        zps = None if w.zero_points is None else w.zp_values
+        getattr(_load(name), kind)(x, w.packed, w.scales, zps, out, _threads(threads))
     else:
+        args: tuple = (x,) if kind == "q4_gemm" else reference.q8_quantize(x, w.block)
         _numba_threads(threads)
         getattr(_load(name), kind)(*args, w.packed, w.scales, w.zp_values, out)
     return out
@@ -176,6 +190,27 @@ def q4q8_gemm(x: np.ndarray, w: Q4Weight, threads: int | None = None) -> np.ndar
     """Integer datapath y = x @ B: x quantized per block to int8 (Q8), int32 block sums of
     (q - zp) * xq, then scaled by both block scales."""
     return _gemm("q4q8_gemm", x, w, threads)
+
+
+def nf4_gemv(x: np.ndarray, t: NF4Tensor, threads: int | None = None) -> np.ndarray:
+    """y (M, N) = x (M, K) @ W.T for an NF4 weight W of shape (N, K) (PyTorch Linear
+    layout), fp32 activations, without materializing W."""
+    _check_nf4(t)
+    _check(x, "x", np.float32, 2)
+    if len(t.shape) != 2 or x.shape[1] != t.shape[1]:
+        raise ValueError(f"x (M, K={x.shape[1]}) does not match an NF4 weight of shape {t.shape}")
+    name = backend("nf4_gemv")
+    if name == "reference":
+        return reference.nf4_gemv(x, t)
+    out = np.empty((x.shape[0], t.shape[0]), np.float32)
+    if name == "cython":
+        _load(name).nf4_gemv(x, t.packed, t.absmax_q, t.absmax_scale, t.absmax_offset,
+                             reference.DYNAMIC_MAP, NF4_CODE, out, _threads(threads))
+    else:
+        _numba_threads(threads)
+        absmax = reference.dequantize_absmax(t.absmax_q, t.absmax_scale, t.absmax_offset)
+        _load(name).nf4_gemv(x, t.packed, absmax, NF4_CODE, out)
+    return out
 
 
 def q8w_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray,
@@ -193,6 +228,9 @@ def q8w_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray,
     if name == "reference":
         return reference.q8w_gemm(x, codes, scales)
     out = np.empty((x.shape[0], n), np.float32)
+    if name == "cython":
+        _load(name).q8w_gemm(x, codes, scales, out, _threads(threads))
+        return out
     _numba_threads(threads)
     _load(name).q8w_gemm(x, codes, scales, out)
     return out

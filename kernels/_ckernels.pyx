@@ -9,24 +9,48 @@ from libc.stdint cimport int8_t, uint8_t
 
 cdef extern from "edgetune_kernels.h":
     int et_have_avx2()
-    void et_nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code,
+    ctypedef struct et_absmax:
+        const uint8_t *q
+        const float *scale
+        float offset
+        const float *dyn
+    void et_nf4_dequantize(const uint8_t *packed, const et_absmax *absmax, const float *code,
                            float *out, size_t n, int use_simd) nogil
     void et_q4_dequantize_nk(const uint8_t *packed, const float *scales, const uint8_t *zps,
                              float *out, size_t n_rows, size_t k, size_t block, int use_simd) nogil
-    void et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales,
-                        const uint8_t *zps, float *y, size_t m, size_t n, size_t k, size_t block,
-                        int threads, int use_simd) nogil
-    void et_q4q8_gemm(const int8_t *xq, const float *xs, const uint8_t *packed, const float *scales,
-                      const uint8_t *zps, float *y, size_t m, size_t n, size_t k, size_t block,
-                      int threads, int use_simd) nogil
+    void et_q8_quantize(const float *x, int8_t *xq, float *xs, size_t m, size_t k,
+                        size_t block) nogil
+    int et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales,
+                       const uint8_t *zps, float *y, size_t m, size_t n, size_t k, size_t block,
+                       int threads, int use_simd) nogil
+    int et_q4q8_gemm(const float *x, const uint8_t *packed, const float *scales,
+                     const uint8_t *zps, float *y, size_t m, size_t n, size_t k, size_t block,
+                     int threads, int use_simd) nogil
+    int et_q8w_gemm(const float *x, const uint8_t *codes, const float *scales, float *y, size_t m,
+                    size_t n, size_t k, size_t block, int threads, int use_simd) nogil
+    int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, const float *code,
+                    float *y, size_t m, size_t n, size_t k, int threads, int use_simd) nogil
 
 HAVE_AVX2 = bool(et_have_avx2())
 
 
-def nf4_dequantize(const uint8_t[::1] packed, const float[::1] absmax, const float[::1] code,
-                   float[::1] out, bint simd=HAVE_AVX2):
+cdef et_absmax _absmax(const uint8_t[::1] absmax_q, const float[::1] absmax_scale, float offset,
+                      const float[::1] dyn):
+    cdef et_absmax a
+    a.q = &absmax_q[0]
+    a.scale = &absmax_scale[0]
+    a.offset = offset
+    a.dyn = &dyn[0]
+    return a
+
+
+def nf4_dequantize(const uint8_t[::1] packed, const uint8_t[::1] absmax_q,
+                   const float[::1] absmax_scale, float offset, const float[::1] dyn,
+                   const float[::1] code, float[::1] out, bint simd=HAVE_AVX2):
+    """Double-quantized absmax (codes into ``dyn``, scales, offset) dequantized on the fly."""
+    cdef et_absmax a = _absmax(absmax_q, absmax_scale, offset, dyn)
     with nogil:
-        et_nf4_dequantize(&packed[0], &absmax[0], &code[0], &out[0], out.shape[0], simd)
+        et_nf4_dequantize(&packed[0], &a, &code[0], &out[0], out.shape[0], simd)
 
 
 def q4_dequantize_nk(const uint8_t[:, :, ::1] packed, const float[:, ::1] scales,
@@ -37,18 +61,62 @@ def q4_dequantize_nk(const uint8_t[:, :, ::1] packed, const float[:, ::1] scales
                             out.shape[0], out.shape[1], block, simd)
 
 
+cdef const uint8_t *_zps_or_null(const uint8_t[:, ::1] zps):
+    """Stored zero points, or NULL for a symmetric weight (zero point 8, nothing to read)."""
+    return NULL if zps is None else &zps[0, 0]
+
+
+def q8_quantize(const float[:, ::1] x, int8_t[:, ::1] xq, float[:, ::1] xs):
+    cdef size_t block = x.shape[1] // xs.shape[1]
+    with nogil:
+        et_q8_quantize(&x[0, 0], &xq[0, 0], &xs[0, 0], x.shape[0], x.shape[1], block)
+
+
 def q4_gemm(const float[:, ::1] x, const uint8_t[:, :, ::1] packed, const float[:, ::1] scales,
             const uint8_t[:, ::1] zps, float[:, ::1] out, int threads=1, bint simd=HAVE_AVX2):
+    """``zps`` is None for a symmetric weight."""
     cdef size_t block = packed.shape[2] * 2
+    cdef const uint8_t *z = _zps_or_null(zps)
+    cdef int rc
     with nogil:
-        et_q4_gemm_f32(&x[0, 0], &packed[0, 0, 0], &scales[0, 0], &zps[0, 0], &out[0, 0],
-                       x.shape[0], packed.shape[0], x.shape[1], block, threads, simd)
+        rc = et_q4_gemm_f32(&x[0, 0], &packed[0, 0, 0], &scales[0, 0], z, &out[0, 0],
+                            x.shape[0], packed.shape[0], x.shape[1], block, threads, simd)
+    if rc:
+        raise MemoryError("q4_gemm: out of memory for the activation workspace")
 
 
-def q4q8_gemm(const int8_t[:, ::1] xq, const float[:, ::1] xs, const uint8_t[:, :, ::1] packed,
-              const float[:, ::1] scales, const uint8_t[:, ::1] zps, float[:, ::1] out,
-              int threads=1, bint simd=HAVE_AVX2):
+def q4q8_gemm(const float[:, ::1] x, const uint8_t[:, :, ::1] packed, const float[:, ::1] scales,
+              const uint8_t[:, ::1] zps, float[:, ::1] out, int threads=1, bint simd=HAVE_AVX2):
+    """Quantizes x to Q8 itself (bit-exact with the reference); ``zps`` None = symmetric."""
     cdef size_t block = packed.shape[2] * 2
+    cdef const uint8_t *z = _zps_or_null(zps)
+    cdef int rc
     with nogil:
-        et_q4q8_gemm(&xq[0, 0], &xs[0, 0], &packed[0, 0, 0], &scales[0, 0], &zps[0, 0],
-                     &out[0, 0], xq.shape[0], packed.shape[0], xq.shape[1], block, threads, simd)
+        rc = et_q4q8_gemm(&x[0, 0], &packed[0, 0, 0], &scales[0, 0], z, &out[0, 0],
+                          x.shape[0], packed.shape[0], x.shape[1], block, threads, simd)
+    if rc:
+        raise MemoryError("q4q8_gemm: out of memory for the activation workspace")
+
+
+def nf4_gemv(const float[:, ::1] x, const uint8_t[::1] packed, const uint8_t[::1] absmax_q,
+             const float[::1] absmax_scale, float offset, const float[::1] dyn,
+             const float[::1] code, float[:, ::1] out, int threads=1, bint simd=HAVE_AVX2):
+    """y = x @ W.T for an NF4 weight W (N, K), without materializing W."""
+    cdef et_absmax a = _absmax(absmax_q, absmax_scale, offset, dyn)
+    cdef int rc
+    with nogil:
+        rc = et_nf4_gemv(&x[0, 0], &packed[0], &a, &code[0], &out[0, 0], x.shape[0],
+                         out.shape[1], x.shape[1], threads, simd)
+    if rc:
+        raise MemoryError("nf4_gemv: out of memory for the activation workspace")
+
+
+def q8w_gemm(const float[:, ::1] x, const uint8_t[:, :, ::1] codes, const float[:, ::1] scales,
+             float[:, ::1] out, int threads=1, bint simd=HAVE_AVX2):
+    """y = x @ dequant(B) for an 8-bit MatMulNBits weight (zero point 128)."""
+    cdef int rc
+    with nogil:
+        rc = et_q8w_gemm(&x[0, 0], &codes[0, 0, 0], &scales[0, 0], &out[0, 0], x.shape[0],
+                         codes.shape[0], x.shape[1], codes.shape[2], threads, simd)
+    if rc:
+        raise MemoryError("q8w_gemm: out of memory for the activation workspace")

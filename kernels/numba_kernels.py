@@ -149,3 +149,26 @@ def q8w_gemm(x, codes, scales, out):  # pragma: no cover - compiled
                     xsum += xv
                 acc += (dot - np.float32(128.0) * xsum) * scales[r, b]
             out[m, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def nf4_gemv(x, packed, absmax, code, out):  # pragma: no cover - compiled
+    """out (M, N) = x (M, K) @ W.T for an NF4 weight W (N, K); one absmax per 64 elements,
+    applied once per block to the block's sum."""
+    m_rows, k = x.shape
+    n_rows = out.shape[1]
+    for r in prange(n_rows):
+        for m in range(m_rows):
+            acc = np.float32(0.0)
+            e0 = r * k
+            b0 = e0
+            while b0 < e0 + k:  # a row may start or end inside a 64-element block
+                b1 = min(b0 - b0 % 64 + 64, e0 + k)
+                dot = np.float32(0.0)
+                for e in range(b0, b1):
+                    byte = np.int64(packed[e >> 1])
+                    q = (byte >> 4) if (e & 1) else (byte & 15)
+                    dot += code[q] * x[m, e - e0]
+                acc += dot * absmax[b0 // 64]
+                b0 = b1
+            out[m, r] = acc

@@ -3,8 +3,9 @@
 For every shape (Phi-3-mini's projections) and batch, at 1 and 2 threads, each kernel
 cycles over more than 64 MiB of distinct weight matrices, so the L3 cache cannot hide
 DRAM. Reported per result: ms per matmul, weight GB/s, percent of the read bandwidth
-measured in this same run, and the ratio against ONNX Runtime's ``MatMulNBits``
-(``accuracy_level`` 4 and 0) run in this same process (> 1: edgetune is faster).
+measured in this same run, and the ratio against ONNX Runtime run in this same process
+(> 1: edgetune is faster): ``MatMulNBits`` ``accuracy_level`` 4 for the integer Q4 x Q8
+path, ``accuracy_level`` 0 for Q4 x fp32, ``MatMulBnb4`` (bitsandbytes NF4) for NF4 x fp32.
 Weight values do not matter for speed, so packed bytes and scales are random.
 """
 
@@ -100,6 +101,68 @@ def ort_matmulnbits(weights: list[Q4Weight], m: int, accuracy_level: int, thread
     return lambda: sess.run(None, {"A": x})
 
 
+def random_nf4(k: int, n: int, rng: np.random.Generator):
+    """An NF4 weight of PyTorch Linear shape (N, K) with random codes."""
+    from ..kernels import NF4Tensor
+
+    numel = n * k
+    return NF4Tensor(rng.integers(0, 256, numel // 2, dtype=np.uint8),
+                     rng.integers(0, 256, numel // 64, dtype=np.uint8),
+                     rng.uniform(0.01, 0.05, -(-numel // 64 // 256)).astype(np.float32), 0.1, (n, k))
+
+
+def ort_matmulbnb4(weights: list, m: int, threads: int):
+    """One ONNX Runtime session computing A @ dequant(W_i).T with ``MatMulBnb4`` (NF4)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ..kernels import reference
+
+    n, k = weights[0].shape
+    nodes, inits, outs = [], [], []
+    for i, t in enumerate(weights):
+        absmax = reference.dequantize_absmax(t.absmax_q, t.absmax_scale, t.absmax_offset)
+        inits += [numpy_helper.from_array(reference.bnb_nf4_to_edgetune(t.packed), f"B{i}"),
+                  numpy_helper.from_array(absmax, f"S{i}")]
+        nodes.append(helper.make_node("MatMulBnb4", ["A", f"B{i}", f"S{i}"], [f"Y{i}"],
+                                      domain="com.microsoft", K=k, N=n, block_size=64,
+                                      quant_type=1))
+        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [m, n]))
+    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info(
+        "A", TensorProto.FLOAT, [m, k])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
+    return lambda: sess.run(None, {"A": x})
+
+
+def _nf4_results(k: int, n: int, batches, threads: int, bw: float, rng) -> list[BenchResult]:
+    """NF4 x fp32 GEMV (the QLoRA base format) against ``MatMulBnb4``, same weights."""
+    one = random_nf4(k, n, rng)
+    count = max(2, -(-WORKING_SET // one.nbytes))
+    weights = [one] + [random_nf4(k, n, rng) for _ in range(count - 1)]
+    res = []
+    for m in batches:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        base = _timeit(ort_matmulbnb4(weights, m, threads)) / count
+        res.append(BenchResult(f"ort_matmulbnb4 {k}x{n} m{m} t{threads}", base * 1e3,
+                               one.nbytes / base / 1e9, 100 * one.nbytes / base / 1e9 / bw))
+        for backend in ("cython", "numba"):
+            def run_all(backend=backend, x=x):
+                with _forced(backend):
+                    for t in weights:
+                        kernels.nf4_gemv(x, t, threads=threads)
+            sec = _timeit(run_all) / count
+            res.append(BenchResult(f"nf4_gemv[{backend}] {k}x{n} m{m} t{threads}", sec * 1e3,
+                                   one.nbytes / sec / 1e9, 100 * one.nbytes / sec / 1e9 / bw,
+                                   "ort_matmulbnb4", base / sec))
+    return res
+
+
 def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
     """Run the kernel benchmark; ``quick`` uses one shape, batch 1, 2 threads."""
     shapes = SHAPES[:1] if quick else SHAPES
@@ -137,26 +200,22 @@ def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
                             f"{kernel}[{backend}] {k}x{n} m{m} t{threads}", sec * 1e3,
                             wbytes / sec / 1e9, 100 * wbytes / sec / 1e9 / bw,
                             f"ort_matmulnbits_acc{against}", base[against] / sec))
+            results += _nf4_results(k, n, batches, threads, bw, rng)
             if threads == threads_list[-1]:
                 results += _dequant_results(weights, copy_bw, rng)
     return results
 
 
 def _dequant_results(weights: list[Q4Weight], copy_bw: float, rng) -> list[BenchResult]:
-    """Q4 and NF4 dequantization to fp32 (single thread): bytes read + written, against the
-    copy bandwidth (read + write) measured in the same run."""
-    from ..kernels import NF4Tensor
-
+    """Q4 and NF4 dequantization to fp32 (all cores): bytes read + written, against the copy
+    bandwidth (read + write) measured in the same run."""
     w0 = weights[0]
     numel = w0.k * w0.n
-    nf4 = [NF4Tensor(rng.integers(0, 256, numel // 2, dtype=np.uint8),
-                     rng.integers(0, 256, numel // 64, dtype=np.uint8),
-                     np.full(-(-numel // 64 // 256), 0.05, np.float32), 0.1, (w0.n, w0.k))
-           for _ in weights]
-    out = np.empty((w0.n, w0.k), np.float32)
+    nf4 = [random_nf4(w0.k, w0.n, rng) for _ in weights]
+    out = np.empty((w0.n, w0.k), np.float32)  # written in place, as the copy it is compared to
     res = []
     for name, fn, items, nbytes in (
-            ("q4_dequantize", lambda w: kernels.q4_dequantize(w), weights, w0.nbytes),
+            ("q4_dequantize", lambda w: kernels.q4_dequantize(w, out.T), weights, w0.nbytes),
             ("nf4_dequantize", lambda t: kernels.nf4_dequantize(t, out), nf4, nf4[0].nbytes)):
         for backend in ("cython", "numba"):
             def run_all(fn=fn, items=items, backend=backend):

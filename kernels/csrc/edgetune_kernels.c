@@ -6,6 +6,14 @@
 #include <immintrin.h>
 #endif
 
+/* Outputs larger than the last-level cache bypass it (non-temporal stores): writing them
+ * through the cache would first read every line from DRAM for nothing. */
+#define ET_STREAM_BYTES ((size_t)32 << 20)
+
+static int use_stream(const float *out, size_t n) {
+    return n * sizeof(float) >= ET_STREAM_BYTES && ((uintptr_t)out & 31) == 0;
+}
+
 int et_have_avx2(void) {
 #ifdef ET_X86
     __builtin_cpu_init();
@@ -15,12 +23,12 @@ int et_have_avx2(void) {
 #endif
 }
 
-static void nf4_dequantize_generic(const uint8_t *packed, const float *absmax, const float *code,
-                                   float *out, size_t begin, size_t end) {
+static void nf4_dequantize_generic(const uint8_t *packed, const et_absmax *absmax,
+                                   const float *code, float *out, size_t begin, size_t end) {
     for (size_t i = begin; i < end; i++) {
         uint8_t byte = packed[i >> 1];
         uint8_t q = (i & 1) ? (byte >> 4) : (byte & 15);
-        out[i] = code[q] * absmax[i / 64];
+        out[i] = code[q] * et_absmax_at(absmax, i / 64);
     }
 }
 
@@ -35,15 +43,16 @@ static inline __m256 lut16(__m256i idx, __m256 lo, __m256 hi) {
 }
 
 __attribute__((target("avx2,fma")))
-static void nf4_dequantize_avx2(const uint8_t *packed, const float *absmax, const float *code,
+static void nf4_dequantize_avx2(const uint8_t *packed, const et_absmax *absmax, const float *code,
                                 float *out, size_t n) {
     const __m256 lo = _mm256_loadu_ps(code), hi = _mm256_loadu_ps(code + 8);
     const __m128i mask = _mm_set1_epi8(0x0F);
     size_t full = n / 64;
+    const int stream = use_stream(out, n);
     /* blocks are independent: split them over the cores (OpenMP) when the tensor is large */
     #pragma omp parallel for schedule(static) if (full >= 4096)
     for (size_t b = 0; b < full; b++) {
-        const __m256 am = _mm256_set1_ps(absmax[b]);
+        const __m256 am = _mm256_set1_ps(et_absmax_at(absmax, b));
         const uint8_t *p = packed + b * 32;
         float *o = out + b * 64;
         for (int h = 0; h < 2; h++) {
@@ -55,15 +64,20 @@ static void nf4_dequantize_avx2(const uint8_t *packed, const float *absmax, cons
             __m128i parts[4] = {e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)};
             for (int j = 0; j < 4; j++) {
                 __m256i idx = _mm256_cvtepu8_epi32(parts[j]);
-                _mm256_storeu_ps(o + 32 * h + 8 * j, _mm256_mul_ps(lut16(idx, lo, hi), am));
+                __m256 v = _mm256_mul_ps(lut16(idx, lo, hi), am);
+                if (stream)
+                    _mm256_stream_ps(o + 32 * h + 8 * j, v);
+                else
+                    _mm256_storeu_ps(o + 32 * h + 8 * j, v);
             }
         }
     }
+    _mm_sfence();
     nf4_dequantize_generic(packed, absmax, code, out, full * 64, n);
 }
 #endif
 
-void et_nf4_dequantize(const uint8_t *packed, const float *absmax, const float *code,
+void et_nf4_dequantize(const uint8_t *packed, const et_absmax *absmax, const float *code,
                        float *out, size_t n, int use_simd) {
 #ifdef ET_X86
     if (use_simd) {
@@ -95,8 +109,11 @@ static void q4_dequantize_generic(const uint8_t *packed, const float *scales, co
 __attribute__((target("avx2,fma")))
 static void q4_dequantize_avx2(const uint8_t *packed, const float *scales, const uint8_t *zps,
                                float *out, size_t n_rows, size_t k, size_t block) {
-    size_t nb = k / block;
+    const size_t nb = k / block;
     const __m128i mask = _mm_set1_epi8(0x0F);
+    const int stream = use_stream(out, n_rows * k);
+    /* rows are independent: split them over the cores when the weight is large */
+    #pragma omp parallel for schedule(static) if (n_rows * k >= (1u << 18))
     for (size_t r = 0; r < n_rows; r++) {
         for (size_t b = 0; b < nb; b++) {
             __m256 s = _mm256_set1_ps(scales[r * nb + b]);
@@ -111,11 +128,19 @@ static void q4_dequantize_avx2(const uint8_t *packed, const float *scales, const
                 __m256 v0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e));
                 __m256 v1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e, 8)));
                 /* (q - zp) * scale, in that order: bit-exact with the reference */
-                _mm256_storeu_ps(o + 2 * j, _mm256_mul_ps(_mm256_sub_ps(v0, z), s));
-                _mm256_storeu_ps(o + 2 * j + 8, _mm256_mul_ps(_mm256_sub_ps(v1, z), s));
+                v0 = _mm256_mul_ps(_mm256_sub_ps(v0, z), s);
+                v1 = _mm256_mul_ps(_mm256_sub_ps(v1, z), s);
+                if (stream) {
+                    _mm256_stream_ps(o + 2 * j, v0);
+                    _mm256_stream_ps(o + 2 * j + 8, v1);
+                } else {
+                    _mm256_storeu_ps(o + 2 * j, v0);
+                    _mm256_storeu_ps(o + 2 * j + 8, v1);
+                }
             }
         }
     }
+    _mm_sfence();
 }
 #endif
 

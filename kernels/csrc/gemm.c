@@ -1,7 +1,15 @@
-/* Q4 (MatMulNBits) GEMV / small GEMM: fp32 activations and int8 activations.
- * Portable versions are the readable spec in C; AVX2+FMA versions are chosen at run
- * time. Both split output rows (N) across OpenMP threads. */
+/* Q4 (MatMulNBits) GEMV / small GEMM with fp32 and int8 activations, and NF4 x fp32 GEMV.
+ *
+ * The portable loops are the readable spec in C. The AVX2+FMA versions, chosen at run time,
+ * never reorder the packed weights: they permute the (small) activation vector instead, so the
+ * low nibbles of a 32-byte weight load meet the even-position activations and the high nibbles
+ * the odd ones. Zero points fold into per-lane activation sums (sum (q - z) x = sum q x - z sum x)
+ * and block scales apply as vector FMAs, so the inner loop is loads, masks, multiply-adds, and
+ * one horizontal sum per output. Output rows (N) are split over OpenMP threads. */
 #include "edgetune_kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -11,6 +19,8 @@
 #define ET_X86 1
 #include <immintrin.h>
 #endif
+
+#define ET_MR 4 /* activation rows sharing one decode of a weight row */
 
 /* This thread's share [r0, r1) of n output rows inside an OpenMP parallel region. */
 static void thread_rows(size_t n, size_t *r0, size_t *r1) {
@@ -23,7 +33,35 @@ static void thread_rows(size_t n, size_t *r0, size_t *r1) {
     *r1 = n * (t + 1) / T;
 }
 
-/* ---- fp32 activations ------------------------------------------------------------ */
+/* Threads worth starting for a matmul of n rows x k: one for small ones (start-up costs more). */
+static int team_size(int threads, size_t n, size_t k) {
+    int nt = threads > 0 ? threads : 1;
+    return n * k < (1u << 16) ? 1 : nt;
+}
+
+/* ---- Q8 activation quantization (bit-exact with reference.q8_quantize) ---------------- */
+
+void et_q8_quantize(const float *x, int8_t *xq, float *xs, size_t m, size_t k, size_t block) {
+    size_t nb = k / block;
+    for (size_t i = 0; i < m * nb; i++) {
+        const float *xb = x + i * block;
+        float amax = 0.0f;
+        for (size_t j = 0; j < block; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        float s = amax / 127.0f;
+        float inv = s == 0.0f ? 0.0f : 1.0f / s;
+        xs[i] = s;
+        for (size_t j = 0; j < block; j++) {
+            float q = nearbyintf(xb[j] * inv); /* round half to even, as numpy */
+            q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+            xq[i * block + j] = (int8_t)q;
+        }
+    }
+}
+
+/* ---- portable versions (the spec in C) ------------------------------------------------ */
 
 static void q4_gemm_f32_rows(const float *x, const uint8_t *packed, const float *scales,
                              const uint8_t *zps, float *y, size_t m, size_t n, size_t k,
@@ -35,7 +73,7 @@ static void q4_gemm_f32_rows(const float *x, const uint8_t *packed, const float 
             float acc = 0.0f;
             for (size_t b = 0; b < nb; b++) {
                 const uint8_t *p = packed + (r * nb + b) * (block / 2);
-                float dot = 0.0f, z = (float)zps[r * nb + b];
+                float dot = 0.0f, z = zps ? (float)zps[r * nb + b] : 8.0f;
                 for (size_t j = 0; j < block / 2; j++) {
                     dot += ((float)(p[j] & 15) - z) * xr[b * block + 2 * j];
                     dot += ((float)(p[j] >> 4) - z) * xr[b * block + 2 * j + 1];
@@ -47,91 +85,6 @@ static void q4_gemm_f32_rows(const float *x, const uint8_t *packed, const float 
     }
 }
 
-#ifdef ET_X86
-__attribute__((target("avx2,fma")))
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-/* 16 packed bytes -> 32 codes in element order (low nibble of byte j = element 2j). */
-__attribute__((target("avx2,fma")))
-static inline __m256i unpack32(const uint8_t *p) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i bytes = _mm_loadu_si128((const __m128i *)p);
-    __m128i lo = _mm_and_si128(bytes, mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-}
-
-/* One output row n, one activation row: sum_b scale_b * (sum_k q*x - zp_b * sum_k x), with
- * the q*x products accumulated in vectors and the block scale applied as a vector FMA, so
- * there is one horizontal sum per output, not one per block. */
-__attribute__((target("avx2,fma")))
-static float q4_dot_f32_avx2(const float *x, const float *xsum, const uint8_t *p, const float *sc,
-                             const uint8_t *zp, size_t nb, size_t block) {
-    __m256 acc = _mm256_setzero_ps();
-    float corr = 0.0f;
-    for (size_t b = 0; b < nb; b++) {
-        __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
-        for (size_t c = 0; c < block; c += 32) {
-            __m256i q = unpack32(p + (b * block + c) / 2);
-            __m128i qa = _mm256_castsi256_si128(q), qb = _mm256_extracti128_si256(q, 1);
-            const float *xb = x + b * block + c;
-            d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(qa)), _mm256_loadu_ps(xb), d0);
-            d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(qa, 8))),
-                                 _mm256_loadu_ps(xb + 8), d1);
-            d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(qb)), _mm256_loadu_ps(xb + 16), d0);
-            d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(qb, 8))),
-                                 _mm256_loadu_ps(xb + 24), d1);
-        }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(sc[b]), acc);
-        corr += (float)zp[b] * xsum[b] * sc[b];
-    }
-    return hsum256(acc) - corr;
-}
-
-__attribute__((target("avx2,fma")))
-static void q4_gemm_f32_rows_avx2(const float *x, const float *xsum, const uint8_t *packed,
-                                  const float *scales, const uint8_t *zps, float *y, size_t m,
-                                  size_t n, size_t k, size_t block, size_t r0, size_t r1) {
-    size_t nb = k / block;
-    for (size_t r = r0; r < r1; r++)
-        for (size_t i = 0; i < m; i++)
-            y[i * n + r] = q4_dot_f32_avx2(x + i * k, xsum + i * nb, packed + r * nb * (block / 2),
-                                           scales + r * nb, zps + r * nb, nb, block);
-}
-#endif
-
-void et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zps,
-                    float *y, size_t m, size_t n, size_t k, size_t block, int threads, int use_simd) {
-    size_t nb = k / block;
-    float xsum_stack[4096];
-    int simd = use_simd && block % 32 == 0 && m * nb <= 4096;
-    if (simd) /* sum of each activation block, to fold the zero point in */
-        for (size_t i = 0; i < m * nb; i++) {
-            float s = 0.0f;
-            for (size_t j = 0; j < block; j++) s += x[i * block + j];
-            xsum_stack[i] = s;
-        }
-    int nt = threads > 0 ? threads : 1;
-    #pragma omp parallel num_threads(nt)
-    {
-        size_t r0, r1;
-        thread_rows(n, &r0, &r1);
-#ifdef ET_X86
-        if (simd)
-            q4_gemm_f32_rows_avx2(x, xsum_stack, packed, scales, zps, y, m, n, k, block, r0, r1);
-        else
-#endif
-            q4_gemm_f32_rows(x, packed, scales, zps, y, m, n, k, block, r0, r1);
-    }
-}
-
-/* ---- int8 activations (integer datapath) ------------------------------------------ */
-
 static void q4q8_rows(const int8_t *xq, const float *xs, const uint8_t *packed, const float *scales,
                       const uint8_t *zps, float *y, size_t m, size_t n, size_t k, size_t block,
                       size_t r0, size_t r1) {
@@ -142,7 +95,7 @@ static void q4q8_rows(const int8_t *xq, const float *xs, const uint8_t *packed, 
             for (size_t b = 0; b < nb; b++) {
                 const uint8_t *p = packed + (r * nb + b) * (block / 2);
                 const int8_t *xb = xq + i * k + b * block;
-                int32_t dot = 0, z = zps[r * nb + b];
+                int32_t dot = 0, z = zps ? zps[r * nb + b] : 8;
                 for (size_t j = 0; j < block / 2; j++) {
                     dot += ((int32_t)(p[j] & 15) - z) * xb[2 * j];
                     dot += ((int32_t)(p[j] >> 4) - z) * xb[2 * j + 1];
@@ -154,62 +107,480 @@ static void q4q8_rows(const int8_t *xq, const float *xs, const uint8_t *packed, 
     }
 }
 
-#ifdef ET_X86
-/* int8 x uint4 products with maddubs (u8 x s8 -> s16 pairs; |15 * 127 * 2| fits), pairs to
- * int32 with madd, the block's int32 lanes converted to float and scaled by ws * xs in a vector
- * FMA: one horizontal sum per output. The zero point folds in as zp * sum(xq) per block. */
-__attribute__((target("avx2,fma")))
-static void q4q8_rows_avx2(const int8_t *xq, const float *xs, const uint8_t *packed,
-                           const float *scales, const uint8_t *zps, float *y, size_t m, size_t n,
-                           size_t k, size_t block, size_t r0, size_t r1, const int32_t *xsum) {
-    size_t nb = k / block;
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (size_t r = r0; r < r1; r++) {
-        const uint8_t *p = packed + r * nb * (block / 2);
+static void nf4_gemv_rows(const float *x, const uint8_t *packed, const et_absmax *absmax,
+                          const float *code, float *y, size_t m, size_t n, size_t k,
+                          size_t r0, size_t r1) {
+    for (size_t r = r0; r < r1; r++)
         for (size_t i = 0; i < m; i++) {
-            __m256 acc = _mm256_setzero_ps();
-            float corr = 0.0f;
-            for (size_t b = 0; b < nb; b++) {
-                __m256i dot = _mm256_setzero_si256();
-                for (size_t c = 0; c < block; c += 32) {
-                    __m256i q = unpack32(p + (b * block + c) / 2);
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + i * k + b * block + c));
-                    dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
-                }
-                float s = scales[r * nb + b] * xs[i * nb + b];
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(s), acc);
-                corr += (float)((int32_t)zps[r * nb + b] * xsum[i * nb + b]) * s;
+            float acc = 0.0f;
+            for (size_t j = 0; j < k; j++) {
+                size_t e = r * k + j;
+                uint8_t byte = packed[e >> 1];
+                float w = code[(e & 1) ? byte >> 4 : byte & 15] * et_absmax_at(absmax, e / 64);
+                acc += w * x[i * k + j];
             }
-            y[i * n + r] = hsum256(acc) - corr;
+            y[i * n + r] = acc;
         }
+}
+
+static void q8w_rows(const float *x, const uint8_t *codes, const float *scales, float *y,
+                     size_t m, size_t n, size_t k, size_t block, size_t r0, size_t r1) {
+    size_t nb = k / block;
+    for (size_t r = r0; r < r1; r++)
+        for (size_t i = 0; i < m; i++) {
+            float acc = 0.0f;
+            for (size_t b = 0; b < nb; b++) {
+                const uint8_t *q = codes + (r * nb + b) * block;
+                float dot = 0.0f;
+                for (size_t j = 0; j < block; j++)
+                    dot += ((float)q[j] - 128.0f) * x[i * k + b * block + j];
+                acc += dot * scales[r * nb + b];
+            }
+            y[i * n + r] = acc;
+        }
+}
+
+#ifdef ET_X86
+/* ---- AVX2 + FMA ------------------------------------------------------------------------ */
+
+#define ET_AVX2 __attribute__((target("avx2,fma")))
+#define ET_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+
+ET_INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* fp32 activations, permuted per 16-element group (8 packed bytes): its 8 even-position
+ * values, then its 8 odd-position values. xsum: the sum of each block of x. */
+static void permute_f32(const float *x, float *xp, float *xsum, size_t m, size_t k, size_t block) {
+    for (size_t i = 0; i < m; i++) {
+        const float *xr = x + i * k;
+        float *o = xp + i * k;
+        for (size_t g = 0; g < k / 16; g++)
+            for (size_t j = 0; j < 8; j++) {
+                o[16 * g + j] = xr[16 * g + 2 * j];
+                o[16 * g + 8 + j] = xr[16 * g + 2 * j + 1];
+            }
+        if (xsum)
+            for (size_t b = 0; b < k / block; b++) {
+                float s = 0.0f;
+                for (size_t j = 0; j < block; j++) s += xr[b * block + j];
+                xsum[i * (k / block) + b] = s;
+            }
+    }
+}
+
+/* sum_b s[b] * z[b] * xsum[b] over one row's blocks (z = 8 when zps is NULL): the zero-point
+ * term that the kernels subtract once per output instead of once per weight. */
+ET_INLINE float zero_point_term(const float *s, const uint8_t *zps, const float *xsum, size_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    size_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        __m256 sx = _mm256_mul_ps(_mm256_loadu_ps(s + b), _mm256_loadu_ps(xsum + b));
+        __m256 z = zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zps + b))))
+                       : _mm256_set1_ps(8.0f);
+        acc = _mm256_fmadd_ps(sx, z, acc);
+    }
+    float t = hsum256(acc);
+    for (; b < nb; b++) t += s[b] * xsum[b] * (zps ? (float)zps[b] : 8.0f);
+    return t;
+}
+
+/* 8 packed bytes -> their 8 low and 8 high nibbles as floats. */
+ET_INLINE void nibbles_f32(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+
+/* One weight row against MR activation rows: y[i] = sum_b s_b * sum_k q x_i - zero-point term.
+ * Low and high nibbles feed separate accumulators and even and odd blocks separate block
+ * sums, so no FMA waits on the previous one. */
+ET_INLINE void q4_f32_row(const uint8_t *p, const float *s, const uint8_t *zps, const float *xp,
+                          const float *xsum, float *y, size_t ystride, size_t k, size_t block,
+                          const int mr) {
+    const size_t nb = k / block, groups = block / 16;
+    __m256 acc[2][ET_MR];
+    for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        __m256 ta[ET_MR], tb[ET_MR];
+        for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
+        for (size_t g = b * groups; g < (b + 1) * groups; g++) {
+            __m256 lo, hi;
+            nibbles_f32(p + 8 * g, &lo, &hi);
+            for (int i = 0; i < mr; i++) {
+                const float *xg = xp + i * k + 16 * g;
+                ta[i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg), ta[i]);
+                tb[i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + 8), tb[i]);
+            }
+        }
+        __m256 sb = _mm256_broadcast_ss(s + b);
+        for (int i = 0; i < mr; i++)
+            acc[b & 1][i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), sb, acc[b & 1][i]);
+    }
+    for (int i = 0; i < mr; i++)
+        y[i * ystride] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i]))
+                         - zero_point_term(s, zps, xsum + i * nb, nb);
+}
+
+ET_AVX2 static void q4_gemm_f32_avx2(const float *xp, const float *xsum, const uint8_t *packed,
+                                     const float *scales, const uint8_t *zps, float *y, size_t m,
+                                     size_t n, size_t k, size_t block, size_t r0, size_t r1) {
+    size_t nb = k / block;
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *p = packed + r * (k / 2);
+        const float *s = scales + r * nb;
+        const uint8_t *z = zps ? zps + r * nb : NULL;
+        size_t i = 0;
+        for (; i + 4 <= m; i += 4)
+            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, block, 4);
+        for (; i + 2 <= m; i += 2)
+            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, block, 2);
+        for (; i < m; i++)
+            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, block, 1);
+    }
+}
+
+/* int8 activations, prepared per 64-element chunk (32 packed bytes): 32 even-position codes,
+ * then 32 odd-position codes; the activation scale of each of the chunk's 8 int32 lanes (8
+ * consecutive elements each); and per block xs_b * sum(xq_b) for the zero-point term. */
+typedef struct {
+    int8_t *xq; /* (m, k) permuted codes */
+    float *sx;  /* (m, k / 8) activation scale of the lane's block */
+    float *cb;  /* (m, nb) xs_b * sum of block b's codes */
+} q8_prep;
+
+ET_AVX2 static void prepare_q8(const float *x, q8_prep *P, float *xs, size_t m, size_t k,
+                               size_t block) {
+    size_t nb = k / block;
+    int8_t q[256];
+    for (size_t i = 0; i < m; i++) {
+        for (size_t b = 0; b < nb; b++) {
+            const float *xb = x + i * k + b * block;
+            __m256 amax = _mm256_setzero_ps();
+            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            for (size_t j = 0; j < block; j += 8)
+                amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xb + j), absmask));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+            float s = _mm_cvtss_f32(m4) / 127.0f;
+            float inv = s == 0.0f ? 0.0f : 1.0f / s;
+            xs[i * nb + b] = s;
+            /* x * inv rounded half to even (the default MXCSR mode, as numpy), clipped */
+            const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+            int32_t sum = 0;
+            for (size_t j = 0; j < block; j += 8) {
+                __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j), vinv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m256i qi = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+                int32_t t[8];
+                _mm256_storeu_si256((__m256i *)t, qi);
+                for (int l = 0; l < 8; l++) {
+                    q[j + l] = (int8_t)t[l];
+                    sum += t[l];
+                }
+            }
+            P->cb[i * nb + b] = s * (float)sum;
+            /* scatter into the chunk layout: even positions, then odd ones, per 64 */
+            for (size_t j = 0; j < block; j++) {
+                size_t e = b * block + j, c = e / 64, w = e % 64;
+                P->xq[i * k + 64 * c + (w & 1) * 32 + w / 2] = q[j];
+            }
+        }
+        for (size_t l = 0; l < k / 8; l++) P->sx[i * (k / 8) + l] = xs[i * nb + (8 * l) / block];
+    }
+}
+
+/* The weight scale of each of a chunk's 8 lanes (lane l covers elements 8l..8l+7). */
+ET_INLINE __m256 lane_scales(const float *s, size_t c, const size_t block) {
+    if (block == 16) /* 4 blocks a chunk: lanes (0,1)(2,3)(4,5)(6,7) */
+        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + 4 * c)),
+                                        _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    if (block == 32) /* 2 blocks a chunk: lanes 0-3 and 4-7 */
+        return _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double *)(s + 2 * c))),
+                                        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    return _mm256_broadcast_ss(s + (64 * c) / block);
+}
+
+/* One weight row against MR activation rows: int32 lane sums of q * xq (maddubs: u8 x s8 ->
+ * s16 pairs, |2 * 15 * 127| fits; madd to int32), scaled per lane by xs * ws; the zero points
+ * come off once per output. `block` is a compile-time constant at each call site. */
+ET_INLINE void q4q8_row(const uint8_t *p, const float *s, const uint8_t *zps, const q8_prep *P,
+                        size_t i0, float *y, size_t ystride, size_t k, const size_t block,
+                        const int mr) {
+    const size_t chunks = k / 64, lanes = k / 8, nb = k / block;
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc[2][ET_MR];
+    for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+    for (size_t c = 0; c < chunks; c++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
+        __m256i lo = _mm256_and_si256(w, m4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+        __m256 sw = lane_scales(s, c, block);
+        for (int i = 0; i < mr; i++) {
+            const int8_t *xc = P->xq + (i0 + i) * k + 64 * c;
+            __m256i d = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
+                _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
+            __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d, ones)),
+                                     _mm256_loadu_ps(P->sx + (i0 + i) * lanes + 8 * c));
+            acc[c & 1][i] = _mm256_fmadd_ps(t, sw, acc[c & 1][i]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        y[i * ystride] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i]))
+                         - zero_point_term(s, zps, P->cb + (i0 + i) * nb, nb);
+}
+
+#define Q4Q8_ROWS(BLOCK)                                                                      \
+    for (size_t r = r0; r < r1; r++) {                                                        \
+        const uint8_t *p = packed + r * (k / 2);                                              \
+        const float *s = scales + r * nb;                                                     \
+        const uint8_t *z = zps ? zps + r * nb : NULL;                                         \
+        size_t i = 0;                                                                         \
+        for (; i + 4 <= m; i += 4) q4q8_row(p, s, z, P, i, y + i * n + r, n, k, BLOCK, 4);   \
+        for (; i + 2 <= m; i += 2) q4q8_row(p, s, z, P, i, y + i * n + r, n, k, BLOCK, 2);   \
+        for (; i < m; i++) q4q8_row(p, s, z, P, i, y + i * n + r, n, k, BLOCK, 1);           \
+    }
+
+ET_AVX2 static void q4q8_gemm_avx2(const q8_prep *P, const uint8_t *packed, const float *scales,
+                                   const uint8_t *zps, float *y, size_t m, size_t n, size_t k,
+                                   size_t block, size_t r0, size_t r1) {
+    size_t nb = k / block;
+    if (block == 16) {
+        Q4Q8_ROWS(16)
+    } else if (block == 32) {
+        Q4Q8_ROWS(32)
+    } else {
+        Q4Q8_ROWS(block)
+    }
+}
+#undef Q4Q8_ROWS
+
+/* 8 code indices (epi32, 0..15) -> 8 floats via two in-register 8-entry tables. */
+ET_INLINE __m256 lut16(__m256i idx, __m256 lo, __m256 hi) {
+    __m256 a = _mm256_permutevar8x32_ps(lo, idx);
+    __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* NF4 weight (n, k), k % 64 == 0: a 64-element NF4 block is 4 groups of 8 bytes, and its
+ * absmax scales the block's sum. Activations permuted as for the Q4 fp32 kernel. */
+ET_INLINE void nf4_row(const uint8_t *p, const et_absmax *absmax, size_t b0, const float *xp,
+                       float *y, size_t ystride, size_t k, __m256 tlo, __m256 thi, const int mr) {
+    const __m256i m4 = _mm256_set1_epi32(15);
+    __m256 acc[2][ET_MR];
+    for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+    for (size_t b = 0; b < k / 64; b++) {
+        __m256 ta[ET_MR], tb[ET_MR];
+        for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
+        for (size_t g = 4 * b; g < 4 * b + 4; g++) {
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * g)));
+            __m256 lo = lut16(_mm256_and_si256(v, m4), tlo, thi);
+            __m256 hi = lut16(_mm256_srli_epi32(v, 4), tlo, thi);
+            for (int i = 0; i < mr; i++) {
+                const float *xg = xp + i * k + 16 * g;
+                ta[i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg), ta[i]);
+                tb[i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + 8), tb[i]);
+            }
+        }
+        __m256 a = _mm256_set1_ps(et_absmax_at(absmax, b0 + b));
+        for (int i = 0; i < mr; i++)
+            acc[b & 1][i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), a, acc[b & 1][i]);
+    }
+    for (int i = 0; i < mr; i++) y[i * ystride] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i]));
+}
+
+ET_AVX2 static void nf4_gemv_avx2(const float *xp, const uint8_t *packed, const et_absmax *absmax,
+                                  const float *code, float *y, size_t m, size_t n, size_t k,
+                                  size_t r0, size_t r1) {
+    const __m256 tlo = _mm256_loadu_ps(code), thi = _mm256_loadu_ps(code + 8);
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *p = packed + r * (k / 2);
+        size_t b0 = r * (k / 64), i = 0;
+        for (; i + 4 <= m; i += 4) nf4_row(p, absmax, b0, xp + i * k, y + i * n + r, n, k, tlo, thi, 4);
+        for (; i + 2 <= m; i += 2) nf4_row(p, absmax, b0, xp + i * k, y + i * n + r, n, k, tlo, thi, 2);
+        for (; i < m; i++) nf4_row(p, absmax, b0, xp + i * k, y + i * n + r, n, k, tlo, thi, 1);
+    }
+}
+
+/* 8-bit weights (zero point 128) x fp32 activations: 8 codes widened to floats per FMA, the
+ * zero point folded into the block sums of x. */
+ET_INLINE void q8w_row(const uint8_t *q, const float *s, const float *x, const float *xsum,
+                       float *y, size_t ystride, size_t k, size_t block, const int mr) {
+    const size_t nb = k / block;
+    __m256 acc[2][ET_MR];
+    for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        __m256 ta[ET_MR], tb[ET_MR];
+        for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
+        for (size_t j = b * block; j < (b + 1) * block; j += 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(q + j));
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+            for (int i = 0; i < mr; i++) {
+                ta[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * k + j), ta[i]);
+                tb[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * k + j + 8), tb[i]);
+            }
+        }
+        __m256 sb = _mm256_broadcast_ss(s + b);
+        for (int i = 0; i < mr; i++)
+            acc[b & 1][i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), sb, acc[b & 1][i]);
+    }
+    for (int i = 0; i < mr; i++) {
+        float corr = 0.0f; /* 128 * sum_b s_b * xsum_b */
+        for (size_t b = 0; b < nb; b++) corr += s[b] * xsum[i * nb + b];
+        y[i * ystride] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i])) - 128.0f * corr;
+    }
+}
+
+ET_AVX2 static void q8w_gemm_avx2(const float *x, const float *xsum, const uint8_t *codes,
+                                  const float *scales, float *y, size_t m, size_t n, size_t k,
+                                  size_t block, size_t r0, size_t r1) {
+    size_t nb = k / block;
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *q = codes + r * k;
+        const float *s = scales + r * nb;
+        size_t i = 0;
+        for (; i + 4 <= m; i += 4) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, block, 4);
+        for (; i + 2 <= m; i += 2) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, block, 2);
+        for (; i < m; i++) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, block, 1);
     }
 }
 #endif
 
-void et_q4q8_gemm(const int8_t *xq, const float *xs, const uint8_t *packed, const float *scales,
-                  const uint8_t *zps, float *y, size_t m, size_t n, size_t k, size_t block,
-                  int threads, int use_simd) {
-    size_t nb = k / block;
-    int32_t xsum_stack[4096];
-    int32_t *xsum = xsum_stack;
-    int simd = use_simd && block % 32 == 0 && m * nb <= 4096;
-    if (simd) { /* sum of each activation block, to fold the zero point in */
-        for (size_t i = 0; i < m * nb; i++) {
-            int32_t s = 0;
-            for (size_t j = 0; j < block; j++) s += xq[i * block + j];
-            xsum[i] = s;
+/* ---- entry points ------------------------------------------------------------------------ */
+
+int et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zps,
+                   float *y, size_t m, size_t n, size_t k, size_t block, int threads, int use_simd) {
+    int nt = team_size(threads, n, k);
+#ifdef ET_X86
+    if (use_simd && k % 16 == 0) {
+        float *xp = malloc(sizeof(float) * (m * k + m * (k / block)));
+        if (xp) {
+            float *xsum = xp + m * k;
+            permute_f32(x, xp, xsum, m, k, block);
+            #pragma omp parallel num_threads(nt)
+            {
+                size_t r0, r1;
+                thread_rows(n, &r0, &r1);
+                q4_gemm_f32_avx2(xp, xsum, packed, scales, zps, y, m, n, k, block, r0, r1);
+            }
+            free(xp);
+            return 0;
         }
+        return -1;
     }
-    int nt = threads > 0 ? threads : 1;
+#endif
+    (void)use_simd;
     #pragma omp parallel num_threads(nt)
     {
         size_t r0, r1;
         thread_rows(n, &r0, &r1);
-#ifdef ET_X86
-        if (simd)
-            q4q8_rows_avx2(xq, xs, packed, scales, zps, y, m, n, k, block, r0, r1, xsum);
-        else
-#endif
-            q4q8_rows(xq, xs, packed, scales, zps, y, m, n, k, block, r0, r1);
+        q4_gemm_f32_rows(x, packed, scales, zps, y, m, n, k, block, r0, r1);
     }
+    return 0;
+}
+
+int et_q4q8_gemm(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zps,
+                 float *y, size_t m, size_t n, size_t k, size_t block, int threads, int use_simd) {
+    int nt = team_size(threads, n, k);
+    size_t nb = k / block;
+    /* one allocation: codes (m k), lane scales (m k / 8), block scales and sums (2 m nb) */
+    char *buf = malloc(m * k + sizeof(float) * (m * k / 8 + 2 * m * nb));
+    if (!buf) return -1;
+    int8_t *xq = (int8_t *)buf;
+    float *sx = (float *)(buf + m * k), *xs = sx + m * k / 8, *cb = xs + m * nb;
+#ifdef ET_X86
+    if (use_simd && k % 64 == 0) {
+        q8_prep P = {xq, sx, cb};
+        prepare_q8(x, &P, xs, m, k, block);
+        #pragma omp parallel num_threads(nt)
+        {
+            size_t r0, r1;
+            thread_rows(n, &r0, &r1);
+            q4q8_gemm_avx2(&P, packed, scales, zps, y, m, n, k, block, r0, r1);
+        }
+        free(buf);
+        return 0;
+    }
+#endif
+    (void)use_simd;
+    (void)cb;
+    et_q8_quantize(x, xq, xs, m, k, block);
+    #pragma omp parallel num_threads(nt)
+    {
+        size_t r0, r1;
+        thread_rows(n, &r0, &r1);
+        q4q8_rows(xq, xs, packed, scales, zps, y, m, n, k, block, r0, r1);
+    }
+    free(buf);
+    return 0;
+}
+
+int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, const float *code,
+                float *y, size_t m, size_t n, size_t k, int threads, int use_simd) {
+    int nt = team_size(threads, n, k);
+#ifdef ET_X86
+    if (use_simd && k % 64 == 0) {
+        float *xp = malloc(sizeof(float) * (m * k + m * (k / 64)));
+        if (xp) {
+            float *unused = xp + m * k;
+            permute_f32(x, xp, unused, m, k, 64);
+            #pragma omp parallel num_threads(nt)
+            {
+                size_t r0, r1;
+                thread_rows(n, &r0, &r1);
+                nf4_gemv_avx2(xp, packed, absmax, code, y, m, n, k, r0, r1);
+            }
+            free(xp);
+            return 0;
+        }
+        return -1;
+    }
+#endif
+    (void)use_simd;
+    #pragma omp parallel num_threads(nt)
+    {
+        size_t r0, r1;
+        thread_rows(n, &r0, &r1);
+        nf4_gemv_rows(x, packed, absmax, code, y, m, n, k, r0, r1);
+    }
+    return 0;
+}
+
+int et_q8w_gemm(const float *x, const uint8_t *codes, const float *scales, float *y, size_t m,
+                size_t n, size_t k, size_t block, int threads, int use_simd) {
+    int nt = team_size(threads, n, k);
+#ifdef ET_X86
+    if (use_simd && block % 16 == 0) {
+        float *xsum = malloc(sizeof(float) * m * (k / block));
+        if (!xsum) return -1;
+        for (size_t i = 0; i < m * (k / block); i++) {
+            float t = 0.0f;
+            for (size_t j = 0; j < block; j++) t += x[i * block + j];
+            xsum[i] = t;
+        }
+        #pragma omp parallel num_threads(nt)
+        {
+            size_t r0, r1;
+            thread_rows(n, &r0, &r1);
+            q8w_gemm_avx2(x, xsum, codes, scales, y, m, n, k, block, r0, r1);
+        }
+        free(xsum);
+        return 0;
+    }
+#endif
+    (void)use_simd;
+    #pragma omp parallel num_threads(nt)
+    {
+        size_t r0, r1;
+        thread_rows(n, &r0, &r1);
+        q8w_rows(x, codes, scales, y, m, n, k, block, r0, r1);
+    }
+    return 0;
 }

@@ -98,9 +98,11 @@ def test_q4_dequantize_bit_exact(backend, block, kb, n, symmetric, seed):
     os.environ["EDGETUNE_KERNELS"] = backend
     try:
         got = kernels.q4_dequantize(q)
+        into = kernels.q4_dequantize(q, np.empty((n, block * kb), np.float32).T)
     finally:
         del os.environ["EDGETUNE_KERNELS"]
     np.testing.assert_array_equal(got, ref.q4_dequantize(q))
+    np.testing.assert_array_equal(into, ref.q4_dequantize(q))
 
 
 def test_q4_golden_block():
@@ -163,6 +165,93 @@ def test_q4_packing_runs_in_onnxruntime_matmulnbits(symmetric, block):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("backend", FAST)
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 40), k=st.sampled_from([30, 64, 100, 192, 512]), m=st.integers(1, 9),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_nf4_gemv_within_1e5_of_reference(backend, n, k, m, threads, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    t = kernels.nf4_quantize(w)
+    os.environ["EDGETUNE_KERNELS"] = backend
+    try:
+        got = kernels.nf4_gemv(x, t, threads=threads)
+    finally:
+        del os.environ["EDGETUNE_KERNELS"]
+    want = ref.nf4_gemv(x, t)
+    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.nf4_dequantize(t)).max() + 1e-30
+    assert got.shape == (m, n) and np.all(np.abs(got - want) <= 1e-5 * scale)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@settings(max_examples=15, deadline=None)
+@given(block=st.sampled_from(kernels.Q4_BLOCK_SIZES), kb=st.integers(1, 3), n=st.integers(1, 40),
+       m=st.integers(1, 9), threads=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_q8w_gemm_within_1e5_of_reference(backend, block, kb, n, m, threads, seed):
+    rng = np.random.default_rng(seed)
+    codes, scales = kernels.q8_weight_quantize(rng.standard_normal((block * kb, n)).astype(np.float32), block)
+    x = rng.standard_normal((m, block * kb)).astype(np.float32)
+    os.environ["EDGETUNE_KERNELS"] = backend
+    try:
+        got = kernels.q8w_gemm(x, codes, scales, threads=threads)
+    finally:
+        del os.environ["EDGETUNE_KERNELS"]
+    want = ref.q8w_gemm(x, codes, scales)
+    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.q8_weight_dequantize(codes, scales)).max()
+    assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30)
+
+
+def test_nf4_gemv_golden_block():
+    # one 64-element row holding every code value x 2 (absmax 2 survives double quantization)
+    w = np.tile(ref.NF4_CODE * 2.0, 4).astype(np.float32)[None, :]
+    t = kernels.nf4_quantize(w)
+    x = np.zeros((1, 64), np.float32)
+    x[0, 15] = 1.0  # picks code 15 (1.0) x absmax 2
+    x[0, 16] = 3.0  # picks code 0 (-1.0) x absmax 2, three times
+    for backend in FAST:
+        os.environ["EDGETUNE_KERNELS"] = backend
+        try:
+            assert kernels.nf4_gemv(x, t)[0, 0] == 2.0 - 6.0
+        finally:
+            del os.environ["EDGETUNE_KERNELS"]
+
+
+def test_q8_activation_codes_bit_exact():
+    # the C core quantizes activations itself: same int8 codes and scales as the spec
+    C = pytest.importorskip("edgetune.kernels._ckernels")
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 256)) * rng.uniform(0.01, 100, (3, 1))).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block: scale 0, codes 0
+    x[1, 40] = 0.5 * np.abs(x[1, 32:64]).max()  # exact ties round half to even
+    for block in kernels.Q4_BLOCK_SIZES:
+        xq = np.empty(x.shape, np.int8)
+        xs = np.empty((3, 256 // block), np.float32)
+        C.q8_quantize(x, xq, xs)
+        want_q, want_s = ref.q8_quantize(x, block)
+        np.testing.assert_array_equal(xq, want_q)
+        np.testing.assert_array_equal(xs, want_s)
+
+
+def test_q4q8_golden_block_integer_sum():
+    # hand-built block: codes 0..15 twice (q - 8 = -8..7), activations all equal to their
+    # block max, so xq = 127 everywhere: the int32 block sum is 127 * 2 * sum(-8..7) = -2032
+    codes = np.tile(np.arange(16, dtype=np.uint8), 4)  # 64 values = 2 blocks of 32
+    packed = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8).reshape(1, 2, 16)
+    w = kernels.Q4Weight(packed, np.array([[1.0, 0.5]], np.float32), None, 64, 1, 32)
+    x = np.full((1, 64), 2.54, np.float32)  # xs = 2.54 / 127 = 0.02
+    xs = np.float32(2.54) / np.float32(127.0)
+    want = np.float32(-2032) * xs * np.float32(1.0) + np.float32(-2032) * xs * np.float32(0.5)
+    for backend in FAST:
+        os.environ["EDGETUNE_KERNELS"] = backend
+        try:
+            got = kernels.q4q8_gemm(x, w)[0, 0]
+        finally:
+            del os.environ["EDGETUNE_KERNELS"]
+        assert abs(got - want) <= 1e-6 * abs(want)
+    assert ref.q4q8_gemm(x, w)[0, 0] == pytest.approx(want, rel=1e-6)
+
+
 def test_q4q8_integer_gemm_close_to_float():
     rng = np.random.default_rng(4)
     b = rng.standard_normal((128, 16)).astype(np.float32)
@@ -203,6 +292,13 @@ def test_boundary_checks_raise_value_error(use_backend):
     use_backend("cython")
     with pytest.raises(ValueError, match="inconsistent"):
         kernels.nf4_dequantize(broken)
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels.nf4_gemv(np.ones((1, 128), np.float32), broken)
+    w2 = kernels.nf4_quantize(np.ones((4, 128), np.float32))
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.nf4_gemv(np.ones((1, 64), np.float32), w2)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.nf4_gemv(np.ones((1, 128), np.float64), w2)
     use_backend("fortran")
     with pytest.raises(ValueError, match="EDGETUNE_KERNELS"):
         kernels.nf4_dequantize(t)
