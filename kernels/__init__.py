@@ -174,10 +174,19 @@ def _gemm(kind: str, x: np.ndarray, w: Q4Weight, threads: int | None) -> np.ndar
     if name == "cython":  # quantizes x itself; reads no zero points for a symmetric weight
         zps = None if w.zero_points is None else w.zp_values
         getattr(_load(name), kind)(x, w.packed, w.scales, zps, out, _threads(threads))
-    else:
-        args: tuple = (x,) if kind == "q4_gemm" else reference.q8_quantize(x, w.block)
+    else:  # Numba reads activations split into even and odd positions, with block sums
+        m, nb = x.shape[0], w.k // w.block
+        if kind == "q4_gemm":
+            xv, extra = x, ()
+        else:
+            xv, xs = reference.q8_quantize(x, w.block)
+            extra = (xs,)
+        xsum = xv.reshape(m, nb, w.block).sum(axis=2, dtype=np.float32 if kind == "q4_gemm"
+                                               else np.int32)
         _numba_threads(threads)
-        getattr(_load(name), kind)(*args, w.packed, w.scales, w.zp_values, out)
+        getattr(_load(name), kind)(np.ascontiguousarray(xv[:, 0::2]),
+                                   np.ascontiguousarray(xv[:, 1::2]), xsum, *extra,
+                                   w.packed, w.scales, w.zp_values, out)
     return out
 
 

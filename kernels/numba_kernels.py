@@ -45,48 +45,46 @@ def q4_dequantize_nk(packed, scales, zps, out):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def q4_gemm(x, packed, scales, zps, out):  # pragma: no cover - compiled
-    """out (M, N) = x (M, K) @ dequant(B); each output column n reads its blocks once."""
-    m_rows = x.shape[0]
+def q4_gemm(xe, xo, xsum, packed, scales, zps, out):  # pragma: no cover - compiled
+    """out (M, N) = x (M, K) @ dequant(B). ``xe``/``xo`` are x's even and odd positions (so
+    byte j of a block meets them without strided loads) and ``xsum`` its block sums (the
+    zero point comes off as zp * sum(x) per block). Nibbles are split in float32:
+    hi = floor(byte / 16), lo = byte - 16 hi, which vectorizes where integer shifts promote
+    to int64 and do not."""
+    m_rows = xe.shape[0]
     n_rows, nb, half = packed.shape
-    block = half * 2
     for r in prange(n_rows):
         for m in range(m_rows):
             acc = np.float32(0.0)
             for b in range(nb):
-                base = b * block
                 dot = np.float32(0.0)
-                xsum = np.float32(0.0)
+                base = b * half
                 for j in range(half):
-                    byte = packed[r, b, j]
-                    x0 = x[m, base + 2 * j]
-                    x1 = x[m, base + 2 * j + 1]
-                    dot += np.float32(byte & 15) * x0 + np.float32(byte >> 4) * x1
-                    xsum += x0 + x1
-                acc += (dot - np.float32(zps[r, b]) * xsum) * scales[r, b]
+                    f = np.float32(packed[r, b, j])
+                    hi = np.floor(f * np.float32(0.0625))
+                    lo = f - np.float32(16.0) * hi
+                    dot += lo * xe[m, base + j] + hi * xo[m, base + j]
+                acc += (dot - np.float32(zps[r, b]) * xsum[m, b]) * scales[r, b]
             out[m, r] = acc
 
 
 @njit(parallel=True, cache=True)
-def q4q8_gemm(xq, xs, packed, scales, zps, out):  # pragma: no cover - compiled
-    """Integer datapath: int32 block sums of q * xq minus zp * sum(xq), then both scales."""
-    m_rows = xq.shape[0]
+def q4q8_gemm(xe, xo, xsum, xs, packed, scales, zps, out):  # pragma: no cover - compiled
+    """Integer datapath: int32 block sums of q * xq minus zp * sum(xq), then both scales;
+    ``xe``/``xo`` are the int8 codes at even and odd positions, ``xsum`` their block sums."""
+    m_rows = xe.shape[0]
     n_rows, nb, half = packed.shape
-    block = half * 2
     for r in prange(n_rows):
         for m in range(m_rows):
             acc = np.float32(0.0)
             for b in range(nb):
-                base = b * block
                 dot = np.int32(0)
-                xsum = np.int32(0)
+                base = b * half
                 for j in range(half):
-                    byte = np.int32(packed[r, b, j])
-                    x0 = np.int32(xq[m, base + 2 * j])
-                    x1 = np.int32(xq[m, base + 2 * j + 1])
-                    dot += (byte & 15) * x0 + (byte >> 4) * x1
-                    xsum += x0 + x1
-                dot -= np.int32(zps[r, b]) * xsum
+                    p = np.int32(packed[r, b, j])
+                    dot += ((p & np.int32(15)) * np.int32(xe[m, base + j])
+                            + (p >> np.int32(4)) * np.int32(xo[m, base + j]))
+                dot -= np.int32(zps[r, b]) * xsum[m, b]
                 acc += np.float32(dot) * (scales[r, b] * xs[m, b])
             out[m, r] = acc
 

@@ -52,3 +52,47 @@ def int4_bundle(quickstart_run):
 @pytest.fixture(scope="session")
 def fp32_bundle(quickstart_run):
     return quickstart_run[1] / "bundle-fp32"
+
+
+def tiny_family_config(family: str):
+    """A tiny random-weight config of one supported family (Phi-3 with long-context rope)."""
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+
+    common = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=5, pad_token_id=1)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    half = 64 // 4 // 2  # rope factors: one per rotary frequency (head_dim / 2)
+    return Phi3Config(**{**common, "max_position_embeddings": 1024},
+                      original_max_position_embeddings=256, sliding_window=None,
+                      rope_scaling={"type": "longrope", "short_factor": [1.0] * half,
+                                    "long_factor": [1.0 + i / half for i in range(half)]})
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory, tiny_model):
+    """family -> a saved tiny random-weight model dir of that family (with the shipped
+    tokenizer), built once per session."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    made = {}
+
+    def make(family: str):
+        if family not in made:
+            d = tmp_path_factory.mktemp(family)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(tiny_family_config(family)).save_pretrained(d)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "chat_template.jinja"):
+                shutil.copy(tiny_model / name, d / name)
+            made[family] = d
+        return made[family]
+    return make

@@ -91,3 +91,15 @@ def test_smart_home_heldout_combinations_unseen(tmp_path):
     assert {(d, a) for d, a, _ in he} <= {(d, a) for d, a, _ in tr}
     again, _ = smart_home.generate(tmp_path / "again", n_train=300, n_heldout=60, seed=0)
     assert again.read_text() == train.read_text()  # fixed seed, same data
+
+
+def test_messages_without_chat_template_name_the_line(tiny_model, tmp_path):
+    from edgetune.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    tok.chat_template = None
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "ok"}]}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: .*chat template"):
+        tokenize_examples(tok, load_examples(p), seq_len=64)

@@ -1,13 +1,16 @@
 """``edgetune bench train``: QLoRA / QDoRA step time and peak memory against the usual stack.
 
 A Phi-3-shaped model with random weights (values do not matter for speed), large enough
-that weights dominate memory, trained for a few steps with the same batch in four setups,
-each in its own process so its peak RSS is its own:
+that weights dominate memory, saved once as an fp32 safetensors checkpoint; each setup loads
+it the way a user would and trains a few steps with the same batch, in its own process so
+its peak RSS (loading included) is its own:
 
-* ``lora-fp32``   PEFT LoRA over plain fp32 ``nn.Linear`` (edgetune's ``lora``)
-* ``qlora``       PEFT LoRA over edgetune's ``NF4Linear`` (edgetune's default)
-* ``qdora``       PEFT DoRA over ``NF4Linear``
-* ``bnb-qlora``   PEFT LoRA over bitsandbytes ``Linear4bit`` (NF4, double quant), its CPU backend
+* ``lora-fp32``   ``from_pretrained`` + PEFT LoRA over fp32 ``nn.Linear`` (edgetune's ``lora``)
+* ``qlora``       ``load_model_nf4`` (quantized tensor by tensor while loading) + PEFT LoRA
+                  over edgetune's ``NF4Linear`` (edgetune's default)
+* ``qdora``       the same with DoRA (edgetune's NF4 DoRA layer)
+* ``bnb-qlora``   ``from_pretrained`` + PEFT LoRA over bitsandbytes ``Linear4bit`` (NF4, double
+                  quant), its CPU backend
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import resource
+import tempfile
 import time
 
 SETUPS = ("lora-fp32", "qlora", "qdora", "bnb-qlora")
@@ -33,42 +37,33 @@ def _model(hidden: int, layers: int, vocab: int):
         return Phi3ForCausalLM(cfg).float()
 
 
-def _bnb_quantize(model):
-    import bitsandbytes as bnb
-    import torch
-
-    from ..train.nf4 import linear_targets
-
-    for name in linear_targets(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        lin = getattr(parent, child)
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, compress_statistics=True,
-                              quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True)
-        q = q.to("cpu")  # quantizes on the move to a device
-        setattr(parent, child, q)
-    return model
-
-
-def _run(setup: str, hidden: int, layers: int, vocab: int, batch: int, seq: int, steps: int,
+def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: int,
          out: mp.Queue) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    from ..train.nf4 import quantize_model_nf4
+    from ..train.adapters import for_nf4_base
+    from ..train.nf4 import load_model_nf4
 
-    model = _model(hidden, layers, vocab)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                        use_dora=setup == "qdora", task_type="CAUSAL_LM")
+    if setup in ("qlora", "qdora"):
+        model = load_model_nf4(model_dir)
+        for_nf4_base(config)
+    elif setup == "bnb-qlora":  # the usual stack: bitsandbytes quantizes while loading
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                     quantization_config=bnb, device_map="cpu")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
-    if setup in ("qlora", "qdora"):
-        quantize_model_nf4(model)
-    elif setup == "bnb-qlora":
-        _bnb_quantize(model)
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                            use_dora=setup == "qdora", task_type="CAUSAL_LM"))
+    peft = get_peft_model(model, config)
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(3, vocab, (batch, seq))
     times = []
@@ -90,17 +85,19 @@ def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int =
     """Run every setup in a fresh process; ratios are against bitsandbytes and fp32 LoRA."""
     ctx = mp.get_context("spawn")
     results = []
-    for setup in SETUPS:
-        q = ctx.Queue()
-        p = ctx.Process(target=_run, args=(setup, hidden, layers, vocab, batch, seq, steps, q))
-        p.start()
-        p.join()
-        if p.exitcode != 0 or q.empty():
-            log(f"{setup}: failed (exit code {p.exitcode})")
-            continue
-        r = q.get()
-        log(f"{setup}: {r['ms']:.0f} ms/step, peak RSS {r['peak_rss_mb']:.0f} MB")
-        results.append(r)
+    with tempfile.TemporaryDirectory(prefix="edgetune-bench-train-") as model_dir:
+        _model(hidden, layers, vocab).save_pretrained(model_dir)  # fp32 safetensors
+        for setup in SETUPS:
+            q = ctx.Queue()
+            p = ctx.Process(target=_run, args=(setup, model_dir, vocab, batch, seq, steps, q))
+            p.start()
+            p.join()
+            if p.exitcode != 0 or q.empty():
+                log(f"{setup}: failed (exit code {p.exitcode})")
+                continue
+            r = q.get()
+            log(f"{setup}: {r['ms']:.0f} ms/step, peak RSS {r['peak_rss_mb']:.0f} MB")
+            results.append(r)
     by = {r["name"]: r for r in results}
     for r in results:
         for base in ("bnb-qlora", "lora-fp32"):

@@ -30,6 +30,10 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def _chat_segments(tokenizer, ex: Example) -> list[tuple[list[int], bool]]:
     """(token ids, is_assistant) segments covering the whole rendered conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{ex.where}: a 'messages' example needs a chat template, and this "
+                        "model's tokenizer has none; use 'prompt'/'completion' or 'text' "
+                        "examples, or add chat_template.jinja to the model dir")
     chat = ex.as_chat()
     segments: list[tuple[list[int], bool]] = []
     done: list[int] = []

@@ -12,7 +12,7 @@ ADAPTER_META = "edgetune_adapter.json"
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
-    return LoraConfig(
+    config = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -22,6 +22,18 @@ def lora_config(cfg: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    return for_nf4_base(config) if cfg.quantized else config
+
+
+def for_nf4_base(config):
+    """Give a LoraConfig edgetune's LoRA layer for ``NF4Linear`` bases: PEFT's LoRA, with
+    DoRA's weight norm computed for a frozen NF4 weight (see ``edgetune.train.dora``). The
+    saved adapter is plain PEFT."""
+    from .dora import NF4LoraLinear
+    from .nf4 import NF4Linear
+
+    config._register_custom_module({NF4Linear: NF4LoraLinear})
+    return config
 
 
 def wrap_with_adapter(model, cfg: TrainConfig):
