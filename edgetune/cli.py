@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
-from .errors import EdgetuneError
+from .errors import ConfigError, EdgetuneError
 
 
 def _add_train(sub) -> None:
@@ -47,6 +48,15 @@ def _add_train(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--config", help="YAML recipe (see examples/configs)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    d = p.add_argument_group("scaling out", "several processes / nodes (README: scaling out)")
+    d.add_argument("--nproc", type=int, help="worker processes on this node (one per GPU); "
+                   "> 1 starts torchrun or DeepSpeed's launcher")
+    d.add_argument("--strategy", help="ddp (default), fsdp (FSDP2), zero1, zero2, zero3 (DeepSpeed)")
+    d.add_argument("--nnodes", type=int, help="nodes in the job (run the command on each)")
+    d.add_argument("--node-rank", type=int, help="this node's index, 0 on the master node")
+    d.add_argument("--master-addr", help="address of node 0, reachable from every node")
+    d.add_argument("--master-port", type=int, help="rendezvous port on node 0 (default: free "
+                   "port on one node, 29500 on several)")
     p.set_defaults(func=cmd_train)
 
 
@@ -56,15 +66,20 @@ def cmd_train(args) -> int:
 
     keys = ("model", "data", "eval_data", "out", "method", "rank", "alpha", "dropout", "max_steps",
             "epochs", "lr", "batch_size", "grad_accum", "seq_len", "seed", "eval_every",
-            "save_every", "packing", "gradient_checkpointing", "strict", "device")
+            "save_every", "packing", "gradient_checkpointing", "strict", "device", "nproc",
+            "strategy", "nnodes", "node_rank", "master_addr", "master_port")
     cfg = load_config(TrainConfig, args.config, {k: getattr(args, k) for k in keys})
     try:
         run = train(cfg, resume=args.resume)
     except KeyboardInterrupt:
-        print(f"interrupted: checkpoint saved in {cfg.out}/checkpoints; continue with --resume",
+        saved = "last checkpoint" if cfg.distributed else "checkpoint saved"
+        print(f"interrupted: {saved} in {cfg.out}/checkpoints; continue with --resume",
               file=sys.stderr)
         return 130
-    print(f"adapter: {run / 'adapter'}")
+    # one line per job: from rank 0 when torchrun/deepspeed started it, else from edgetune's
+    # own launcher (its workers stay quiet)
+    if os.environ.get("RANK", "0") == "0" and "EDGETUNE_LAUNCHED" not in os.environ:
+        print(f"adapter: {run / 'adapter'}")
     return 0
 
 
@@ -87,7 +102,9 @@ def cmd_export(args) -> int:
 
     cfg = ExportConfig(quant=args.quant, block_size=args.block_size, symmetric=args.symmetric,
                        accuracy_level=args.accuracy_level, lm_head=args.lm_head,
-                       eval_data=args.eval_data)
+                       eval_data=args.eval_data, algo=args.algo, embedding=args.embedding,
+                       calib_data=args.calib_data, calib_tokens=args.calib_tokens,
+                       act_order=args.act_order)
     out = export(args.model, args.out, cfg, force=args.force)
     print(f"bundle: {out}")
     return 0
@@ -114,13 +131,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    from .runtime import Model
+def _sampling(args) -> dict:
+    """The sampling flags of ``run`` and ``chat``, checked (a bad value is a user error)."""
+    from .runtime import SamplingConfig
 
-    model = Model.load(args.bundle, backend=args.backend, threads=args.threads)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                     stop=tuple(args.stop or ()), seed=args.seed)
+    SamplingConfig(**sampling)
+    return sampling
+
+
+def cmd_run(args) -> int:
+    from .runtime import Model
+
+    sampling = _sampling(args)
+    model = Model.load(args.bundle, backend=args.backend, threads=args.threads)
+    model.encode(args.prompt)  # empty or undecodable: a PromptError before the chat template
     prompt = args.prompt
     if not args.raw and model.manifest["tokenizer"].get("chat_template"):
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -134,13 +161,86 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """Interactive chat over stdin: history kept (oldest turns dropped to fit the context),
+    replies streamed; /reset clears the history, /exit, EOF or Ctrl-C quit."""
+    from .errors import BundleError
+    from .runtime import Model, PromptError
+
+    sampling = _sampling(args)
+    model = Model.load(args.bundle, backend=args.backend, threads=args.threads)
+    if not model.manifest["tokenizer"].get("chat_template"):
+        raise BundleError(f"{args.bundle}: bundle has no chat template (use edgetune run --raw)")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    tty = sys.stdin.isatty()
+
+    def note(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    try:
+        note(f"chat with {args.bundle} ({model.backend} backend, {model.context_length}-token "
+             "context); /reset clears the history, /exit quits")
+        while True:
+            if tty:
+                print("> ", end="", flush=True)
+            raw = sys.stdin.buffer.readline()
+            if not raw:
+                break
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                note(f"error: input is not valid UTF-8 ({e.reason}); message ignored")
+                continue
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                history = []
+                note("(history cleared)")
+                continue
+            try:
+                msgs, dropped = model.fit_chat(system + history + [{"role": "user", "content": line}],
+                                               reserve=args.max_new_tokens)
+            except PromptError as e:
+                note(f"error: {e}; message ignored")
+                continue
+            if dropped:
+                note(f"(dropped the {dropped} oldest messages to fit the {model.context_length}-"
+                     "token context)")
+            reply = []
+            for piece in model.stream_chat(msgs, **sampling):
+                print(piece, end="", flush=True)
+                reply.append(piece)
+            print(flush=True)
+            history = msgs[len(system):] + [{"role": "assistant", "content": "".join(reply)}]
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    if args.what != "runtime" and args.bundle:
+        raise ConfigError(f"bench {args.what} takes no bundle (only bench runtime does)")
+    if args.what == "runtime":
+        from .bench.runtime import bench, format_results
+
+        report = bench(args.bundle, quick=args.quick, threads=args.threads,
+                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, log=log)
+        print(json.dumps(report) if args.json else format_results(report))
+        return 0
     if args.what == "kernels":
         from .bench.kernels import bench, format_results
 
         results = bench(quick=args.quick, log=log)
         rows = [r.as_dict() for r in results]
+    elif args.what == "dist":
+        from .bench.dist import bench, format_results
+
+        results = bench(nproc=args.nproc, quick=args.quick, log=log)
+        rows = results
     else:
         from .bench.train import bench, format_results
 
@@ -158,6 +258,21 @@ def cmd_quickstart(args) -> int:
 
     quickstart(QuickstartConfig(out=args.out, max_steps=args.max_steps, force=args.force))
     return 0
+
+
+def _add_sampling(p) -> None:
+    """Backend and sampling flags shared by ``run`` and ``chat``."""
+    p.add_argument("--backend", choices=("auto", "ort", "native", "native-int"), default="auto",
+                   help="ort: ONNX Runtime; native: edgetune kernels; native-int: the FPGA "
+                   "fixed-point datapath")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,11 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("int4", "int8", "none"), default="int4")
     p.add_argument("--block-size", type=int, default=32)
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=True)
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false")
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="zero point 8 (default for rtn and gptq)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="stored 4-bit zero points (default for hqq)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=range(5))
     p.add_argument("--lm-head", choices=("int8", "int4", "fp32"), default="int8")
     p.add_argument("--eval-data", help="held-out JSONL or .txt for the parity report")
+    # no argparse choices: ExportConfig names the bad value in one line (exit 2)
+    p.add_argument("--algo", default="rtn", metavar="rtn|hqq|gptq",
+                   help="how int4 blocks are chosen: round to nearest, half-quadratic (HQQ, no "
+                   "data) or GPTQ (calibrated); same MatMulNBits layout for all")
+    p.add_argument("--embedding", default="fp32", metavar="fp32|int8|int4",
+                   help="embedding table precision (int8/int4: GatherBlockQuantized)")
+    p.add_argument("--calib-data", help="GPTQ calibration JSONL or .txt (default: --eval-data, "
+                   "else the bundled task's training split)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="GPTQ calibration tokens")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ: columns by decreasing Hessian diagonal")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
 
@@ -225,28 +353,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", help="system message (chat bundles)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--backend", choices=("auto", "ort", "native", "native-int"), default="auto",
-                   help="ort: ONNX Runtime; native: edgetune kernels; native-int: the FPGA fixed-point datapath")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
+    _add_sampling(p)
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat with a bundle",
+                       description="Chat over stdin with the bundle's chat template. Keeps the "
+                       "history (dropping the oldest turns when it outgrows the context) and "
+                       "streams each reply. /reset clears the history; /exit, EOF or Ctrl-C quit.")
+    p.add_argument("bundle")
+    p.add_argument("--system", help="system message")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="benchmarks against baselines run in the same process",
                        description="kernels: Q4 GEMV/GEMM (fp32 and int8 activations) and "
                        "dequantization vs ONNX Runtime MatMulNBits, with the memory bandwidth "
-                       "measured in the same run. train: QLoRA/QDoRA step time and peak RSS on a "
-                       "~330M-parameter Phi-3-shaped model vs fp32 LoRA and PEFT + bitsandbytes.")
-    p.add_argument("what", choices=("kernels", "train"))
+                       "measured in the same run. runtime: the ort and native backends side by "
+                       "side, each in its own process (prefill/decode tok/s, first-token latency, "
+                       "peak RSS, decode bandwidth utilisation). train: QLoRA/QDoRA step time and peak RSS on a "
+                       "~330M-parameter Phi-3-shaped model vs fp32 LoRA and PEFT + bitsandbytes. "
+                       "dist: per-rank weight/gradient/optimizer bytes and step time of ddp, "
+                       "fsdp and DeepSpeed ZeRO 1/2/3 with --nproc processes.")
+    p.add_argument("what", choices=("kernels", "runtime", "train", "dist"))
+    p.add_argument("bundle", nargs="?", help="runtime: the bundle to run (default: a cached "
+                   "~0.55B-parameter Phi-3-shaped int4 bundle with random weights, built once)")
+    p.add_argument("--threads", type=int, default=2, help="runtime: threads per backend")
+    p.add_argument("--prompt-tokens", type=int, help="runtime: prompt length (default 128)")
+    p.add_argument("--new-tokens", type=int, help="runtime: tokens to decode (default 64)")
     p.add_argument("--json", action="store_true", help="one JSON object with a results list")
     p.add_argument("--quick", action="store_true",
-                   help="kernels: one shape, batch 1, 2 threads; train: 4 layers instead of 16")
+                   help="kernels: one shape, batch 1, 2 threads; train: 4 layers instead of 16; "
+                   "dist: a 4-layer model, ddp / zero2 / zero3 only")
+    p.add_argument("--nproc", type=int, default=2, help="dist: processes per strategy")
     p.set_defaults(func=cmd_bench)
     return ap
 

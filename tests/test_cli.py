@@ -8,13 +8,14 @@ CLI = [sys.executable, "-m", "edgetune.cli"]
 
 
 def run(*args, cwd=None):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(CLI + [a if isinstance(a, bytes) else str(a) for a in args],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def test_version_and_help_on_every_subcommand():
     r = run("--version")
     assert r.returncode == 0 and r.stdout.startswith("edgetune ")
-    for sub in ("quickstart", "train", "merge", "export", "verify", "eval", "run"):
+    for sub in ("quickstart", "train", "merge", "export", "verify", "eval", "run", "chat", "bench"):
         r = run(sub, "--help")
         assert r.returncode == 0 and "usage: edgetune " + sub in r.stdout, sub
 
@@ -72,3 +73,81 @@ def test_run_verify_and_damaged_bundle(int4_bundle, tmp_path):
     one_line_error(r, "bundle directory not found")
     r = run("run", int4_bundle, "--prompt", "hi", "--max-new-tokens", "0")
     one_line_error(r, "max_new_tokens")
+
+
+def test_run_bad_input_is_one_line(int4_bundle, tmp_path):
+    r = run("run", int4_bundle, "--prompt", "   ")
+    one_line_error(r, "prompt is empty")
+    r = run("run", int4_bundle, "--prompt", b"\xff\xfe lights")
+    one_line_error(r, "not valid UTF-8")
+    r = run("run", int4_bundle, "--prompt", "word " * 2000)
+    one_line_error(r, "context is 512")
+    r = run("run", int4_bundle, "--prompt", "hi", "--backend", "native", "--max-new-tokens", "-1")
+    one_line_error(r, "max_new_tokens")
+    import shutil
+
+    shutil.copytree(int4_bundle, tmp_path / "b")
+    with open(tmp_path / "b" / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\0\0\0")
+    for backend in ("ort", "native"):
+        r = run("run", tmp_path / "b", "--prompt", "hi", "--backend", backend)
+        one_line_error(r, "model.onnx.data: damaged")
+
+
+def test_run_seeded_sampling_repeats_across_processes(int4_bundle):
+    args = ("run", int4_bundle, "--raw", "--prompt", "The function returns", "--max-new-tokens",
+            "24", "--temperature", "1.0", "--top-k", "50")
+    first = run(*args, "--seed", "3")
+    assert first.returncode == 0 and first.stdout.strip()
+    assert run(*args, "--seed", "3").stdout == first.stdout
+    assert any(run(*args, "--seed", str(s)).stdout != first.stdout for s in (4, 5))
+
+
+def chat(bundle, stdin: bytes, *flags):
+    return subprocess.run(CLI + ["chat", str(bundle), *flags], input=stdin, capture_output=True,
+                          timeout=600)
+
+
+def test_chat_keeps_history_resets_and_exits(int4_bundle):
+    from edgetune.runtime import Model
+
+    turns = ["turn on the kitchen lights", "and lock the garage door", "dim the office lights"]
+    r = chat(int4_bundle, f"{turns[0]}\n{turns[1]}\n/reset\n{turns[2]}\n/exit\nunanswered\n"
+             .encode(), "--max-new-tokens", "40", "--system", "You run a smart home.")
+    assert r.returncode == 0, r.stderr
+    assert b"history cleared" in r.stderr and b"Traceback" not in r.stderr
+    m = Model.load(int4_bundle)
+    system = {"role": "system", "content": "You run a smart home."}
+    user = [{"role": "user", "content": t} for t in turns]
+    first = m.chat([system, user[0]], max_new_tokens=40)
+    second = m.chat([system, user[0], {"role": "assistant", "content": first}, user[1]],
+                    max_new_tokens=40)
+    third = m.chat([system, user[2]], max_new_tokens=40)  # after /reset: no history
+    assert r.stdout.decode().splitlines() == [first, second, third]
+
+
+def test_chat_trims_history_and_survives_bad_messages(int4_bundle):
+    long = "turn on the kitchen lights and " * 25  # ~150 tokens; the context is 512
+    stdin = "\n".join([long] * 3 + ["word " * 2000, "lock the garage door"]).encode()
+    r = chat(int4_bundle, stdin + b"\n\xff\xfe lights\n\n", "--max-new-tokens", "32",
+             "--backend", "native")
+    assert r.returncode == 0, r.stderr  # EOF quits cleanly
+    err = r.stderr.decode()
+    assert "oldest messages to fit the 512-token context" in err
+    assert "message too long: 2006 tokens" in err and "not valid UTF-8" in err
+    assert "Traceback" not in err
+    assert len(r.stdout.decode().splitlines()) == 4  # three long turns and the garage door
+
+
+def test_chat_ctrl_c_and_bad_flags_quit_cleanly(int4_bundle, tmp_path):
+    import signal
+
+    p = subprocess.Popen(CLI + ["chat", str(int4_bundle)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "/exit quits" in p.stderr.readline()  # loaded, waiting for input
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    one_line_error(run("chat", int4_bundle, "--max-new-tokens", "0"), "max_new_tokens")
+    one_line_error(run("chat", tmp_path / "nothing"), "bundle directory not found")

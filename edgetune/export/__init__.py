@@ -1,7 +1,11 @@
 """``export(model_dir, out, cfg) -> bundle``: Optimum ONNX export, weight quantization,
 parity report, and a self-describing bundle written atomically.
 
-merged/ ─► Optimum (fp32 decoder with KV cache) ─► MatMulNBits int4/int8 ─► bundle/
+merged/ ─► Optimum (fp32 decoder with KV cache) ─► weights ─► embedding ─► bundle/
+
+weights: int4 MatMulNBits blocks by rtn / hqq / gptq (``quantize.py``, ``hqq.py``,
+``gptq.py``), or int8 ONNX Runtime dynamic quantization (``int8_dynamic.py``);
+embedding: fp32, or GatherBlockQuantized int8/int4 on request (``embedding.py``).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from pathlib import Path
 import onnx
 
 from ..bundle import commit_dir, dir_bytes, file_table, write_manifest
-from ..errors import OutputExistsError
+from ..errors import ConfigError, OutputExistsError
 from ..models import check_model_dir, load_model, load_tokenizer
 from ..runtime.ort_backend import OrtDecoder
 from .config import ExportConfig
+from .embedding import quantize_embedding
+from .int8_dynamic import INT8_KIND, quantize_int8_dynamic
 from .onnx_export import optimum_export
-from .quantize import quantize_weights
+from .quantize import QuantSummary, quantize_weights, weight_matmuls, weight_name
 from .report import eval_texts, format_report, quant_vs_fp32, torch_vs_onnx
 
 __all__ = ["ExportConfig", "export"]
@@ -91,6 +97,42 @@ def _eos_ids(model_dir: Path, tokenizer) -> list[int]:
     return ids
 
 
+def quantization_spec(cfg: ExportConfig, calibration: dict | None = None) -> dict:
+    """What the manifest and report record: only the settings the bundle was built with."""
+    spec: dict = {"quant": cfg.quant}
+    if cfg.quant == "int4":
+        spec.update(algo=cfg.algo, block_size=cfg.block_size, symmetric=cfg.symmetric,
+                    accuracy_level=cfg.accuracy_level, lm_head=cfg.lm_head)
+        if calibration:
+            spec["calibration"] = calibration
+    elif cfg.quant == "int8":
+        spec.update(int8=INT8_KIND, lm_head="int8")
+    spec["embedding"] = cfg.embedding
+    if cfg.embedding != "fp32":
+        spec["embedding_block"] = {"block_size": cfg.block_size,
+                                   "symmetric": cfg.symmetric or cfg.embedding == "int8",
+                                   "op": "com.microsoft.GatherBlockQuantized"}
+    return spec
+
+
+def _gptq_hessians(torch_model, tokenizer, model: onnx.ModelProto, cfg: ExportConfig,
+                   log) -> tuple[dict, dict]:
+    """GPTQ's X^T X per projection from the merged PyTorch model; (hessians, calibration)."""
+    from .gptq import calibration_texts, collect_hessians
+
+    source = cfg.calib_data or cfg.eval_data
+    modules = {weight_name(n).removesuffix(".weight") for n in weight_matmuls(model)}
+    hessians, used = collect_hessians(torch_model, tokenizer, calibration_texts(tokenizer, source),
+                                      modules, cfg.calib_tokens)
+    calibration = {"source": str(source) if source else "bundled task, training split",
+                   "tokens": used, "damp": cfg.gptq_damp, "act_order": cfg.act_order,
+                   "overlaps_report_text": bool(source) and source == cfg.eval_data}
+    if calibration["overlaps_report_text"]:
+        log(f"note: GPTQ calibrated on {source}, the text the parity report scores; "
+            "pass --calib-data for an independent report")
+    return hessians, calibration
+
+
 def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = None,
            force: bool = False, log=print) -> Path:
     """Export a merged HF model dir into a bundle at ``out``; returns ``out``."""
@@ -98,6 +140,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: output exists (use --force to replace it)")
+    if cfg.calib_data and not Path(cfg.calib_data).is_file():
+        raise ConfigError(f"{cfg.calib_data}: calibration data not found")
     hf_cfg = check_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
     texts = eval_texts(tokenizer, cfg.eval_data)
@@ -109,9 +153,20 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
         bundle = work / "bundle"
         bundle.mkdir()
         model = onnx.load(str(fp32_path))
-        summary = None
-        if cfg.quant != "none":
-            summary = quantize_weights(model, cfg)
+        summary, calibration, embedding_note, torch_model = None, None, None, None
+        if cfg.quant == "int4":
+            hessians = None
+            if cfg.algo == "gptq":  # the PyTorch model calibrates here, then serves the report
+                torch_model = load_model(model_dir).eval()
+                hessians, calibration = _gptq_hessians(torch_model, tokenizer, model, cfg, log)
+            summary = quantize_weights(model, cfg, hessians)
+            del hessians
+        elif cfg.quant == "int8":
+            model = quantize_int8_dynamic(model, work)
+            summary = QuantSummary({"int8-dynamic": sum(n.op_type == "MatMulInteger"
+                                                        for n in model.graph.node)}, [])
+        if cfg.embedding != "fp32":
+            embedding_note = quantize_embedding(model, cfg)
         _save_onnx(model, bundle / DECODER)
         del model
         for name in TOKENIZER_FILES:
@@ -123,18 +178,19 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
 
         token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"][:context] for t in texts]
         fp32_dec = OrtDecoder(str(fp32_path))
-        torch_model = load_model(model_dir).eval()
-        report = {"quantization": {"quant": cfg.quant, "block_size": cfg.block_size,
-                                   "symmetric": cfg.symmetric, "accuracy_level": cfg.accuracy_level,
-                                   "lm_head": cfg.lm_head if cfg.quant == "int4" else cfg.quant},
+        torch_model = torch_model if torch_model is not None else load_model(model_dir).eval()
+        report = {"quantization": quantization_spec(cfg, calibration),
                   "onnx_fp32_vs_torch": torch_vs_onnx(torch_model, fp32_dec, token_lists,
                                                       cfg.report_tokens)}
         del torch_model
-        if cfg.quant != "none":
+        if cfg.quant != "none" or cfg.embedding != "fp32":
             report["quant_vs_fp32"] = quant_vs_fp32(fp32_dec, OrtDecoder(str(bundle / DECODER)),
                                                     token_lists)
+        if summary is not None:
             report["matmuls_quantized"] = summary.quantized
             report["kept_fp32"] = summary.kept
+        if embedding_note:
+            report["embedding"] = embedding_note
         report["fp32_onnx_weight_bytes"] = dir_bytes(work / "fp32") - sum(
             (work / "fp32" / n).stat().st_size for n in TOKENIZER_FILES if (work / "fp32" / n).exists())
         report["eval_texts"] = len(token_lists)

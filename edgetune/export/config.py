@@ -9,16 +9,26 @@ from ..kernels import Q4_BLOCK_SIZES
 
 QUANTS = ("int4", "int8", "none")
 HEAD_QUANTS = ("int8", "int4", "fp32")
+ALGOS = ("rtn", "hqq", "gptq")
+EMBEDDINGS = ("fp32", "int8", "int4")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     quant: str = "int4"
-    """int4 (MatMulNBits block weights), int8 (8-bit block weights) or none (fp32)."""
+    """int4 (MatMulNBits 4-bit blocks), int8 (ONNX Runtime dynamic quantization: per-channel
+    int8 weights, DynamicQuantizeLinear + MatMulInteger; ORT backend only) or none (fp32)."""
+    algo: str = "rtn"
+    """How int4 blocks are chosen: rtn (round to nearest), hqq (half-quadratic, no data) or
+    gptq (Hessian-compensated rounding over calibration text). Same layout for all three."""
+    embedding: str = "fp32"
+    """Embedding table: fp32, or int8/int4 blocks along the hidden size read through
+    com.microsoft GatherBlockQuantized (same block size and symmetry as the projections)."""
     block_size: int = 32
     """Weights per quantization block along K (16…256)."""
-    symmetric: bool = True
-    """Symmetric blocks (zero point 8) or asymmetric (stored 4-bit zero points)."""
+    symmetric: bool | None = None
+    """Symmetric blocks (zero point 8) or asymmetric (stored 4-bit zero points); None: the
+    algorithm's natural choice, symmetric for rtn and gptq, asymmetric for hqq."""
     accuracy_level: int = 4
     """MatMulNBits accuracy_level: 4 = int8 activations (fastest on CPU), 0 = fp32 math."""
     lm_head: str = "int8"
@@ -29,6 +39,16 @@ class ExportConfig:
     """Greedy steps compared between PyTorch and ONNX fp32."""
     opset: int = 18
     """ONNX opset of the exported decoder."""
+    calib_data: str | None = None
+    """GPTQ calibration text (JSONL or .txt); default: ``eval_data`` when given (the user's
+    domain; the report then notes it scored text GPTQ saw), else the bundled task's
+    training split, never the held-out text the parity report scores."""
+    calib_tokens: int = 4096
+    """About how many calibration tokens GPTQ's Hessians are summed over."""
+    gptq_damp: float = 0.01
+    """GPTQ damping: this fraction of the mean Hessian diagonal is added to the diagonal."""
+    act_order: bool = False
+    """GPTQ: quantize columns in order of decreasing Hessian diagonal (static block scales)."""
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
@@ -39,3 +59,19 @@ class ExportConfig:
             raise ConfigError(f"lm_head must be one of {', '.join(HEAD_QUANTS)}")
         if not 0 <= self.accuracy_level <= 4:
             raise ConfigError(f"accuracy level must be 0…4, got {self.accuracy_level}")
+        if self.algo not in ALGOS:
+            raise ConfigError(f"algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", self.algo != "hqq")
+        if self.algo != "rtn" and self.quant != "int4":
+            raise ConfigError(f"algo {self.algo} chooses 4-bit blocks: it needs quant int4, "
+                              f"not {self.quant}")
+        if self.embedding not in EMBEDDINGS:
+            raise ConfigError(f"embedding must be one of {', '.join(EMBEDDINGS)}, "
+                              f"got {self.embedding!r}")
+        if self.calib_tokens < 1:
+            raise ConfigError(f"calib tokens must be positive, got {self.calib_tokens}")
+        if not 0 < self.gptq_damp < 1:
+            raise ConfigError(f"GPTQ damping must be in (0, 1), got {self.gptq_damp}")
+        if self.algo != "gptq" and (self.act_order or self.calib_data):
+            raise ConfigError("act order and calibration data apply to algo gptq only")

@@ -3,8 +3,9 @@
 Every ``MatMul`` whose right operand is a 2-D weight initializer becomes a
 ``com.microsoft.MatMulNBits`` node whose packed weight comes from
 ``edgetune.kernels`` (the same packing the native runtime reads): 4-bit blocks
-for the decoder projections, 8-bit blocks for the LM head by default. The
-embedding table (a Gather) stays fp32.
+for the decoder projections, chosen by round-to-nearest, HQQ or GPTQ (``cfg.algo``),
+and 8-bit round-to-nearest blocks for the LM head by default. The embedding table
+(a Gather) is left to ``embedding.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from tqdm.auto import tqdm
 
 from .. import kernels
+from ..errors import ModelError
 from .config import ExportConfig
 
 MS_DOMAIN = "com.microsoft"
@@ -40,8 +43,34 @@ def weight_name(node: onnx.NodeProto) -> str:
     return ".".join(parts) + ".weight" if parts else node.input[1]
 
 
-def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig) -> QuantSummary:
-    """Rewrite MatMuls over weight initializers in place, per ``cfg``."""
+def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The MatMul nodes whose right operand is a weight initializer."""
+    inits = {i.name for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+def _q4(w: np.ndarray, prefix: str, cfg: ExportConfig, hessians: dict | None) -> kernels.Q4Weight:
+    """4-bit blocks of one (K, N) weight by ``cfg.algo``."""
+    if cfg.algo == "hqq":
+        from .hqq import hqq_quantize
+
+        return hqq_quantize(w, cfg.block_size, cfg.symmetric)
+    if cfg.algo == "gptq":
+        from .gptq import gptq_quantize
+
+        module = prefix.removesuffix(".weight")
+        if hessians is None or module not in hessians:
+            raise ModelError(f"GPTQ: no calibration inputs for {module} (the ONNX MatMul names "
+                             "must match the PyTorch module names)")
+        return gptq_quantize(w, hessians[module], cfg.block_size, cfg.symmetric,
+                             damp=cfg.gptq_damp, act_order=cfg.act_order)
+    return kernels.q4_quantize(w, cfg.block_size, cfg.symmetric)
+
+
+def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig,
+                     hessians: dict[str, np.ndarray] | None = None) -> QuantSummary:
+    """Rewrite MatMuls over weight initializers in place, per ``cfg`` (``hessians``: GPTQ's
+    ``X^T X`` per module path, from ``gptq.collect_hessians``)."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -53,10 +82,13 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig) -> QuantSummary:
     kept: list[str] = []
     new_nodes = []
     drop: set[str] = set()
+    bar = tqdm(total=len(weight_matmuls(model)), desc=f"quantize {cfg.algo}", unit="matmul",
+               disable=None, leave=False)
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits:
             new_nodes.append(node)
             continue
+        bar.update()
         w = numpy_helper.to_array(inits[node.input[1]])
         head = _is_lm_head(node, outputs)
         bits = 4
@@ -74,7 +106,7 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig) -> QuantSummary:
         prefix = weight_name(node)
         extra = []
         if bits == 4:
-            q = kernels.q4_quantize(w, cfg.block_size, cfg.symmetric)
+            q = _q4(w, prefix, cfg, hessians)
             extra = [numpy_helper.from_array(q.packed, f"{prefix}_Q4"),
                      numpy_helper.from_array(q.scales.reshape(-1), f"{prefix}_scales")]
             if q.zero_points is not None:
@@ -91,6 +123,7 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig) -> QuantSummary:
         counts[str(bits)] = counts.get(str(bits), 0) + 1
         if uses.get(node.input[1], 0) <= 1:
             drop.add(node.input[1])
+    bar.close()
     del graph.node[:]
     graph.node.extend(new_nodes)
     remaining = [i for i in graph.initializer if i.name not in drop]

@@ -86,6 +86,10 @@ class Model:
                 raise PromptError(f"prompt is not valid UTF-8 ({e.reason})") from None
         if not isinstance(text, str):
             raise PromptError(f"prompt must be text, got {type(text).__name__}")
+        try:  # undecodable bytes from argv or a file arrive as lone surrogates
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"prompt is not valid UTF-8 ({e.reason})") from None
         if not text.strip():
             raise PromptError("prompt is empty")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -166,3 +170,26 @@ class Model:
 
     def chat(self, messages: list[dict], **sampling) -> str:
         return self.generate(self.render_chat(messages), **sampling)
+
+    def stream_chat(self, messages: list[dict], **sampling) -> Iterator[str]:
+        """``chat``, yielding text pieces as they are generated."""
+        return self.stream(self.render_chat(messages), **sampling)
+
+    def fit_chat(self, messages: list[dict], reserve: int = 0) -> tuple[list[dict], int]:
+        """(messages, how many were dropped): the oldest turns after a leading system message
+        dropped until the rendered chat plus ``reserve`` new tokens fits the context. Keeps at
+        least the last message; raises PromptError when that alone does not fit."""
+        system = messages[:1] if messages and messages[0].get("role") == "system" else []
+        rest = list(messages[len(system):])
+        dropped = 0
+        while True:
+            n = len(self.encode(self.render_chat(system + rest)))
+            if n + reserve <= self.context_length or len(rest) <= 1:
+                break
+            cut = 2 if len(rest) > 2 and rest[1].get("role") == "assistant" else 1  # a turn
+            rest, dropped = rest[cut:], dropped + cut
+        if n >= self.context_length:
+            raise PromptError(f"message too long: {n} tokens with the chat template"
+                              f"{' and system message' if system else ''}; the model's context "
+                              f"is {self.context_length}")
+        return system + rest, dropped

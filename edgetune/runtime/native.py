@@ -12,6 +12,7 @@ Same interface as ``OrtDecoder``: ``forward(input_ids (1, T), past) -> logits, p
 from __future__ import annotations
 
 import math
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +25,31 @@ from .weights import Linear, OnnxWeights
 FAMILIES = ("llama", "phi3", "mistral", "qwen2")
 
 
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """fp32 zeros in anonymous memory backed page by page only once written, in 4 KiB pages:
+    numpy asks for 2 MiB huge pages on large arrays, which would back the whole
+    (context, head_dim) slab of every (layer, head) of a KV cache at its first token."""
+    count = math.prod(shape)
+    buf = mmap.mmap(-1, max(4 * count, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, np.float32, count).reshape(shape)
+
+
 class KVCache:
-    """Preallocated keys and values, (layers, kv_heads, context, head_dim) each."""
+    """Preallocated keys and values, (layers, kv_heads, context, head_dim) each; resident
+    memory grows with the tokens written, not with the context."""
 
     def __init__(self, layers: int, kv_heads: int, context: int, head_dim: int):
-        self.k = np.zeros((layers, kv_heads, context, head_dim), np.float32)
-        self.v = np.zeros_like(self.k)
+        self.k = lazy_zeros((layers, kv_heads, context, head_dim))
+        self.v = lazy_zeros((layers, kv_heads, context, head_dim))
         self.length = 0
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    var = np.mean(x * x, axis=-1, keepdims=True)
-    return (x / np.sqrt(var + eps)).astype(np.float32) * w
+    """x (T, H) normalised by its root mean square, times w (H,); fp32, C-contiguous."""
+    var = np.einsum("th,th->t", x, x)[:, None] / np.float32(x.shape[-1])
+    return x * (1.0 / np.sqrt(var + np.float32(eps))) * w
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -63,13 +77,21 @@ class Rope:
             self.attn_factor = scaling.get("attention_factor") or (
                 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.original)))
 
-    def apply(self, x: np.ndarray, pos: np.ndarray, total: int) -> np.ndarray:
-        """x (heads, T, head_dim) at positions ``pos``; ``total`` decides longrope's factors."""
+    def tables(self, pos: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cos, sin), (T, dim) fp32 each, for positions ``pos``; ``total`` decides longrope's
+        factors. Computed once per forward pass, shared by every layer's q and k."""
         inv = self.inv_long if self.original and total > self.original else self.inv_short
         ang = pos[:, None].astype(np.float64) * inv[None, :]  # (T, dim/2)
         emb = np.concatenate([ang, ang], axis=-1)
-        cos = (np.cos(emb) * self.attn_factor).astype(np.float32)
-        sin = (np.sin(emb) * self.attn_factor).astype(np.float32)
+        return ((np.cos(emb) * self.attn_factor).astype(np.float32),
+                (np.sin(emb) * self.attn_factor).astype(np.float32))
+
+    def apply(self, x: np.ndarray, pos: np.ndarray, total: int) -> np.ndarray:
+        """x (heads, T, head_dim) at positions ``pos``; ``total`` decides longrope's factors."""
+        return self.rotate(x, *self.tables(pos, total))
+
+    def rotate(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x (heads, T, head_dim) rotated by the ``tables`` of its positions."""
         rot, rest = x[..., :self.dim], x[..., self.dim:]
         half = self.dim // 2
         rotated = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
@@ -101,7 +123,7 @@ class NativeDecoder:
         window = arch.get("sliding_window")
         self.window = int(window) if window and arch["model_type"] in ("mistral",) else None
         self.rope = Rope(arch, self.head_dim)
-        self.embed = self.w.array("model.embed_tokens.weight")
+        self.embed = self.w.embedding()  # fp32, or blocks dequantized per looked-up row
         self.norms = [(self.w.module_vector(f"model.layers.{i}.input_layernorm", self.h),
                        self.w.module_vector(f"model.layers.{i}.post_attention_layernorm", self.h))
                       for i in range(self.n_layers)]
@@ -151,27 +173,29 @@ class NativeDecoder:
             act = silu(self.linear(x, f"{p}.gate_proj")) * self.linear(x, f"{p}.up_proj")
         return self.linear(np.ascontiguousarray(act, dtype=np.float32), f"{p}.down_proj")
 
-    def _attention(self, i: int, x: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
+    def _attention(self, i: int, x: np.ndarray, cache: KVCache, start: int,
+                   rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         t = x.shape[0]
         q, k, v = self._qkv(i, x)
         total = start + t
         pos = np.arange(start, total)
-        q = self.rope.apply(q.reshape(t, self.n_heads, self.head_dim).transpose(1, 0, 2), pos, total)
-        k = self.rope.apply(k.reshape(t, self.n_kv, self.head_dim).transpose(1, 0, 2), pos, total)
+        q = self.rope.rotate(q.reshape(t, self.n_heads, self.head_dim).transpose(1, 0, 2), *rope)
+        k = self.rope.rotate(k.reshape(t, self.n_kv, self.head_dim).transpose(1, 0, 2), *rope)
         cache.k[i, :, start:total] = k
         cache.v[i, :, start:total] = v.reshape(t, self.n_kv, self.head_dim).transpose(1, 0, 2)
         keys, vals = cache.k[i, :, :total], cache.v[i, :, :total]  # (kv, S, d)
         group = self.n_heads // self.n_kv
         qg = q.reshape(self.n_kv, group * t, self.head_dim)
         scores = (qg @ keys.transpose(0, 2, 1)).reshape(self.n_kv, group, t, total)
-        scores /= np.float32(math.sqrt(self.head_dim))
-        qpos, kpos = pos[:, None], np.arange(total)[None, :]
-        masked = kpos > qpos
-        if self.window:
-            masked |= kpos <= qpos - self.window
-        scores = np.where(masked, np.float32(-np.inf), scores)
+        scores *= np.float32(1.0 / math.sqrt(self.head_dim))
+        if t > 1 or (self.window and total > self.window):  # one new token sees every key
+            qpos, kpos = pos[:, None], np.arange(total)[None, :]
+            masked = kpos > qpos
+            if self.window:
+                masked |= kpos <= qpos - self.window
+            scores[:, :, masked] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
-        p = np.exp(scores)
+        p = np.exp(scores, out=scores)
         p /= p.sum(axis=-1, keepdims=True)
         out = (p.reshape(self.n_kv, group * t, total) @ vals).reshape(self.n_heads, t, self.head_dim)
         out = np.ascontiguousarray(out.transpose(1, 0, 2).reshape(t, self.n_heads * self.head_dim))
@@ -193,8 +217,10 @@ class NativeDecoder:
         if start + ids.size > self.context:
             raise ValueError(f"context of {self.context} tokens exceeded")
         x = np.ascontiguousarray(self.embed[ids], dtype=np.float32)  # (T, H)
+        rope = self.rope.tables(np.arange(start, start + ids.size), start + ids.size)
         for i, (n_in, n_post) in enumerate(self.norms):
-            x = x + self._attention(i, np.ascontiguousarray(rms_norm(x, n_in, self.eps)), cache, start)
+            x = x + self._attention(i, np.ascontiguousarray(rms_norm(x, n_in, self.eps)), cache,
+                                    start, rope)
             x = x + self._mlp(i, np.ascontiguousarray(rms_norm(x, n_post, self.eps)))
         cache.length = start + ids.size
         logits = self.linear(np.ascontiguousarray(rms_norm(x, self.final_norm, self.eps)), "lm_head")

@@ -18,7 +18,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import BundleError
-from ..kernels import Q4Weight
+from ..kernels import Q4Weight, q4_dequantize
+from ..kernels.reference import q8_weight_dequantize
 
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.UINT8: np.uint8,
        onnx.TensorProto.INT8: np.int8, onnx.TensorProto.INT64: np.int64,
@@ -37,6 +38,37 @@ class Linear:
     q8_scales: np.ndarray | None = None  # fp32 (N, K/block)
     f32: np.ndarray | None = None  # (K, N)
     bias: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "q4":
+            return self.q4.nbytes
+        if self.kind == "q8":
+            return self.q8_codes.nbytes + self.q8_scales.nbytes
+        return self.f32.nbytes
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """The token-embedding table: fp32 (V, H), or 4/8-bit blocks along H as written for
+    com.microsoft GatherBlockQuantized. ``table[ids]`` dequantizes only the rows looked up."""
+
+    kind: str  # "f32" | "q4" | "q8"
+    f32: np.ndarray | None = None  # (V, H)
+    q4: Q4Weight | None = None  # the table as a (K=H, N=V) MatMulNBits weight: row v = column v
+    q8_codes: np.ndarray | None = None  # uint8 (V, H/block, block), zero point 128
+    q8_scales: np.ndarray | None = None  # fp32 (V, H/block)
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        """fp32 rows (T, H) of the token ids (T,)."""
+        if self.kind == "f32":
+            return self.f32[ids]
+        if self.kind == "q8":
+            return q8_weight_dequantize(self.q8_codes[ids], self.q8_scales[ids]).T
+        q, zp = self.q4, self.q4.zero_points
+        rows = Q4Weight(np.ascontiguousarray(q.packed[ids]), np.ascontiguousarray(q.scales[ids]),
+                        None if zp is None else np.ascontiguousarray(zp[ids]), q.k, len(ids), q.block)
+        return q4_dequantize(rows).T
 
     @property
     def nbytes(self) -> int:
@@ -98,6 +130,25 @@ class OnnxWeights:
         raise BundleError(f"{self.path}: weight of {module} not found")
 
 
+    def embedding(self, name: str = "model.embed_tokens.weight") -> Embedding:
+        """The embedding table: a GatherBlockQuantized node's blocks, else fp32 ``name``."""
+        node = next((n for n in self.nodes if n.op_type == "GatherBlockQuantized"), None)
+        if node is None:
+            return Embedding("f32", f32=self.array(name))
+        a = {x.name: x.i for x in node.attribute if x.type == onnx.AttributeProto.INT}
+        bits, block = a.get("bits", 4), a["block_size"]
+        if a.get("gather_axis", 0) != 0 or a.get("quantize_axis", 1) not in (1, -1) \
+                or bits not in (4, 8):
+            raise BundleError(f"{self.path}: {node.name}: only 4/8-bit embedding blocks along "
+                              "the hidden size are supported by the native backend")
+        data, scales = self.array(node.input[0]), self.array(node.input[2])
+        vocab, nb = scales.shape
+        if bits == 8:
+            return Embedding("q8", q8_codes=data.reshape(vocab, nb, block), q8_scales=scales)
+        zp = self.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        return Embedding("q4", q4=Q4Weight(data.reshape(vocab, nb, block // 2), scales, zp,
+                                           nb * block, vocab, block))
+
     def linears(self) -> dict[str, Linear]:
         """Every MatMul / MatMulNBits over an initializer, keyed by module path
         ('model.layers.0.self_attn.qkv_proj', 'lm_head')."""
@@ -106,6 +157,11 @@ class OnnxWeights:
         for n in self.nodes:
             for i in n.input:
                 consumers.setdefault(i, []).append(n)
+        integer = [n.name for n in self.nodes if n.op_type == "MatMulInteger"]
+        if integer:
+            raise BundleError(f"{self.path}: an int8 bundle (ONNX Runtime dynamic quantization, "
+                              f"MatMulInteger, e.g. {integer[0]}) runs on the ort backend only: "
+                              "load it with backend='ort' (edgetune run --backend ort)")
         for node in self.nodes:
             path = ".".join(p for p in node.name.split("/") if p and not p.startswith("MatMul"))
             if node.op_type == "MatMulNBits":

@@ -4,9 +4,9 @@
 does not load torch.
 """
 
-from .config import METHODS, TrainConfig
+from .config import METHODS, STRATEGIES, TrainConfig
 
-__all__ = ["METHODS", "TrainConfig", "train"]
+__all__ = ["METHODS", "STRATEGIES", "TrainConfig", "train"]
 
 
 def __getattr__(name: str):

@@ -36,6 +36,15 @@ def for_nf4_base(config):
     return config
 
 
+def load_base(cfg: TrainConfig, dtype=None, device: str = "cpu"):
+    """The base model to train: NF4-quantized tensor by tensor while loading for qlora /
+    qdora (peak memory: the NF4 model plus one fp32 projection), as stored otherwise."""
+    from ..models import load_model
+    from .nf4 import load_model_nf4
+
+    return (load_model_nf4 if cfg.quantized else load_model)(cfg.model, dtype=dtype, device=device)
+
+
 def wrap_with_adapter(model, cfg: TrainConfig):
     """Freeze the base (NF4-quantize it for q* methods) and add trainable adapters."""
     from peft import get_peft_model

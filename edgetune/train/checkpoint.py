@@ -38,17 +38,24 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 
 def save(run: Path, step: int, model, opt, sched, keep: int) -> Path:
+    return write(run, step, _trainable(model), opt.state_dict(), sched.state_dict(), keep)
+
+
+def write(run: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
+          keep: int) -> Path:
+    """Write checkpoint ``step`` from full (unsharded) trainable weights and optimizer state
+    in ``torch.optim`` form; every strategy and world size writes and reads this one format."""
     d = _dir(run)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"{PREFIX}{step:07d}"
     tmp = d / f".tmp-{PREFIX}{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_trainable(model), str(tmp / "adapter.safetensors"))
+    save_file(weights, str(tmp / "adapter.safetensors"))
     state = {
         "step": step,
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
+        "optimizer": optimizer,
+        "scheduler": scheduler,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -65,19 +72,32 @@ def save(run: Path, step: int, model, opt, sched, keep: int) -> Path:
     return final
 
 
-def load(path: Path, model, opt, sched) -> int:
-    """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step."""
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint's trainable weights and its state (step, optimizer, scheduler, RNG)."""
     weights = load_file(str(path / "adapter.safetensors"))
+    return weights, torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+
+
+def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device))
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+
+
+def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+
+def load(path: Path, model, opt, sched) -> int:
+    """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step."""
+    weights, state = read(path)
+    load_weights(model, weights)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    restore_rng(state)
     return int(state["step"])
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 METHODS = ("qlora", "qdora", "lora", "dora")
+#: Scale-out strategies: data parallel (torch DDP), FSDP2 ``fully_shard``, DeepSpeed ZeRO 1/2/3.
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,18 @@ class TrainConfig:
     """Seed for adapter init, dropout and data order."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu or cuda."""
+    nproc: int = 1
+    """Processes per node (one per GPU; on CPU, at most one per core); > 1 launches workers."""
+    strategy: str = "ddp"
+    """How workers split the work: ddp, fsdp (FSDP2), zero1 / zero2 / zero3 (DeepSpeed)."""
+    nnodes: int = 1
+    """Nodes in the job; each node runs the same command with its own ``node_rank``."""
+    node_rank: int = 0
+    """This node's index in [0, nnodes)."""
+    master_addr: str = "127.0.0.1"
+    """Address of node 0, where the workers meet (multi-node: an address all nodes reach)."""
+    master_port: int = 0
+    """Port on node 0 for the workers' rendezvous; 0: a free port (one node) or 29500 (several)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +95,13 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, "
+                              f"got {self.strategy!r}")
+        if self.nproc < 1 or self.nnodes < 1:
+            raise ConfigError(f"nproc and nnodes must be >= 1, got {self.nproc} and {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
 
     @property
     def quantized(self) -> bool:
@@ -89,3 +110,8 @@ class TrainConfig:
     @property
     def use_dora(self) -> bool:
         return self.method in ("dora", "qdora")
+
+    @property
+    def distributed(self) -> bool:
+        """More than one worker process asked for."""
+        return self.nproc * self.nnodes > 1

@@ -24,9 +24,9 @@ from ..config import save_config
 from ..data import load_examples, tokenize_examples
 from ..data.tokenize import IGNORE, TokenizedExample
 from ..errors import ConfigError, OutputExistsError
-from ..models import check_model_dir, load_model, load_tokenizer
+from ..models import check_model_dir, load_tokenizer
 from . import checkpoint
-from .adapters import ADAPTER_META, wrap_with_adapter
+from .adapters import ADAPTER_META, load_base, wrap_with_adapter
 from .config import TrainConfig
 
 
@@ -152,7 +152,15 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Fine-tune ``cfg.model`` on ``cfg.data``; returns the run dir (adapter in RUN/adapter)."""
+    """Fine-tune ``cfg.model`` on ``cfg.data``; returns the run dir (adapter in RUN/adapter).
+    With ``cfg.nproc``/``nnodes`` > 1 it starts the workers (torchrun / DeepSpeed), which run
+    ``distributed.train_distributed``."""
+    from . import distributed, launch
+
+    if distributed.in_worker():
+        return distributed.train_distributed(cfg, resume, progress)
+    if cfg.distributed:
+        return launch.launch(cfg, resume)
     out = check_run_dir(cfg, resume)
     check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
@@ -161,7 +169,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     device, dtype = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, dtype=dtype, device=str(device))
+    model = load_base(cfg, dtype=dtype, device=str(device))
     model = wrap_with_adapter(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -224,12 +232,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     return out
 
 
-def save_adapter(model, cfg: TrainConfig, out: Path) -> Path:
-    """PEFT adapter dir, written beside and renamed into place."""
+def save_adapter(model, cfg: TrainConfig, out: Path, state_dict=None) -> Path:
+    """PEFT adapter dir, written beside and renamed into place. ``state_dict``: the full
+    trainable weights when the model's own are sharded (FSDP, ZeRO-3)."""
     final = out / "adapter"
     tmp = out / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     meta = {"method": cfg.method, "base_quantization": "nf4" if cfg.quantized else "none",
             "base_model": str(Path(cfg.model).resolve()), "rank": cfg.rank, "alpha": cfg.alpha}
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")

@@ -21,6 +21,9 @@
 #endif
 
 #define ET_MR 4 /* activation rows sharing one decode of a weight row */
+#ifndef ET_PREFETCH
+#define ET_PREFETCH 1024 /* bytes ahead of the weight stream to prefetch */
+#endif
 
 /* This thread's share [r0, r1) of n output rows inside an OpenMP parallel region. */
 static void thread_rows(size_t n, size_t *r0, size_t *r1) {
@@ -317,6 +320,9 @@ ET_INLINE void q4q8_row(const uint8_t *p, const float *s, const uint8_t *zps, co
     __m256 acc[2][ET_MR];
     for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
     for (size_t c = 0; c < chunks; c++) {
+        /* a few cache lines ahead of the weight stream: keeps DRAM busy while this line's
+         * multiply-adds run (the thread's rows are one contiguous stream) */
+        _mm_prefetch((const char *)(p + 32 * c + ET_PREFETCH), _MM_HINT_T0);
         __m256i w = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
         __m256i lo = _mm256_and_si256(w, m4);
         __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);

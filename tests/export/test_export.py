@@ -70,12 +70,11 @@ def test_existing_output_refused_without_force(merged_model, tmp_path):
         export(merged_model, out, ExportConfig(quant="none"), log=lambda s: None)
 
 
-def test_int8_and_fp32_exports(merged_model, task_data, tmp_path):
-    out = export(merged_model, tmp_path / "int8", ExportConfig(quant="int8",
-                 eval_data=str(task_data[1])), log=lambda s: None)
-    q = json.loads((out / "report.json").read_text())["quant_vs_fp32"]
+def test_int8_and_fp32_exports(merged_model, int8_bundle, tmp_path):
+    q = json.loads((int8_bundle / "report.json").read_text())["quant_vs_fp32"]
     assert q["top1_agreement"] >= 0.98 and abs(q["ppl_change"]) <= 0.02
     # --force replaces the bundle atomically; nothing temporary is left beside it
+    shutil.copytree(int8_bundle, tmp_path / "int8")
     out = export(merged_model, tmp_path / "int8", ExportConfig(quant="none"), force=True,
                  log=lambda s: None)
     assert json.loads((out / MANIFEST).read_text())["quantization"]["quant"] == "none"

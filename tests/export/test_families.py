@@ -9,45 +9,9 @@ import torch
 from edgetune.export import ExportConfig, export
 
 
-def tiny_config(family: str):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
-
-    common = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=5, pad_token_id=1)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "mistral":
-        return MistralConfig(**common, sliding_window=None)
-    if family == "qwen2":
-        return Qwen2Config(**common, use_sliding_window=False)
-    half = 64 // 4 // 2  # rope factors: one per rotary frequency (head_dim / 2)
-    return Phi3Config(**{**common, "max_position_embeddings": 1024}, original_max_position_embeddings=256,
-                      sliding_window=None,
-                      rope_scaling={"type": "longrope", "short_factor": [1.0] * half,
-                                    "long_factor": [1.0 + i / half for i in range(half)]})
-
-
-@pytest.fixture(scope="module")
-def make_model(tmp_path_factory, tiny_model):
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    def make(family):
-        d = tmp_path_factory.mktemp(family)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config(family))
-        model.save_pretrained(d, safe_serialization=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(tiny_model / name, d / name)
-        return d
-    return make
-
-
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
-def test_family_exports_with_parity(family, make_model, tmp_path):
-    src = make_model(family)
+def test_family_exports_with_parity(family, family_model, tmp_path):
+    src = family_model(family)
     out = export(src, tmp_path / "b", ExportConfig(quant="int4", report_tokens=16), log=lambda s: None)
     report = json.loads((out / "report.json").read_text())
     parity = report["onnx_fp32_vs_torch"]
@@ -58,14 +22,14 @@ def test_family_exports_with_parity(family, make_model, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
-def test_native_backend_matches_ort(family, make_model, tmp_path):
+def test_native_backend_matches_ort(family, family_model, tmp_path):
     """Same architecture maths as the exported graph: fp32 bundles agree to float rounding and
     decode the same greedy tokens; int4 bundles agree within the int8-activation error."""
     import numpy as np
 
     from edgetune.runtime import Model, SamplingConfig
 
-    src = make_model(family)
+    src = family_model(family)
     ids = [3, 17, 200, 45, 9, 1000, 12, 7]
     for quant, bound in (("none", 1e-4), ("int4", 5e-2)):
         out = export(src, tmp_path / quant, ExportConfig(quant=quant, report_tokens=4),
