@@ -311,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle dir to create")
     p.add_argument("--target", choices=("onnx", "fpga"), default="onnx",
                    help="onnx: the bundle; fpga: an HLS project with the weights as memory images")
-    p.add_argument("--quant", choices=("int4", "int8", "none"), default="int4")
+    p.add_argument("--quant", choices=("int4", "int8", "int8-dynamic", "none"), default="int4",
+                   help="int8: 8-bit blocks (any backend); int8-dynamic: ONNX Runtime "
+                   "quantize_dynamic (ORT only)")
     p.add_argument("--block-size", type=int, default=32)
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,

@@ -4,7 +4,7 @@ parity report, and a self-describing bundle written atomically.
 merged/ ─► Optimum (fp32 decoder with KV cache) ─► weights ─► embedding ─► bundle/
 
 weights: int4 MatMulNBits blocks by rtn / hqq / gptq (``quantize.py``, ``hqq.py``,
-``gptq.py``), or int8 ONNX Runtime dynamic quantization (``int8_dynamic.py``);
+``gptq.py``), 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization (``int8_dynamic.py``);
 embedding: fp32, or GatherBlockQuantized int8/int4 on request (``embedding.py``).
 """
 
@@ -106,7 +106,9 @@ def quantization_spec(cfg: ExportConfig, calibration: dict | None = None) -> dic
         if calibration:
             spec["calibration"] = calibration
     elif cfg.quant == "int8":
-        spec.update(int8=INT8_KIND, lm_head="int8")
+        spec.update(block_size=cfg.block_size, accuracy_level=cfg.accuracy_level)
+    elif cfg.quant == "int8-dynamic":
+        spec.update(int8=INT8_KIND, lm_head=cfg.lm_head)
     spec["embedding"] = cfg.embedding
     if cfg.embedding != "fp32":
         spec["embedding_block"] = {"block_size": cfg.block_size,
@@ -154,17 +156,19 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
         bundle.mkdir()
         model = onnx.load(str(fp32_path))
         summary, calibration, embedding_note, torch_model = None, None, None, None
-        if cfg.quant == "int4":
+        if cfg.quant in ("int4", "int8"):
             hessians = None
             if cfg.algo == "gptq":  # the PyTorch model calibrates here, then serves the report
                 torch_model = load_model(model_dir).eval()
                 hessians, calibration = _gptq_hessians(torch_model, tokenizer, model, cfg, log)
             summary = quantize_weights(model, cfg, hessians)
             del hessians
-        elif cfg.quant == "int8":
+        elif cfg.quant == "int8-dynamic":
             model = quantize_int8_dynamic(model, work)
+            head = quantize_weights(model, cfg)  # what is left: the LM head, per --lm-head
             summary = QuantSummary({"int8-dynamic": sum(n.op_type == "MatMulInteger"
-                                                        for n in model.graph.node)}, [])
+                                                        for n in model.graph.node),
+                                    **head.quantized}, head.kept)
         if cfg.embedding != "fp32":
             embedding_note = quantize_embedding(model, cfg)
         _save_onnx(model, bundle / DECODER)

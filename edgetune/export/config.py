@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from ..kernels import Q4_BLOCK_SIZES
 
-QUANTS = ("int4", "int8", "none")
+QUANTS = ("int4", "int8", "int8-dynamic", "none")
 HEAD_QUANTS = ("int8", "int4", "fp32")
 ALGOS = ("rtn", "hqq", "gptq")
 EMBEDDINGS = ("fp32", "int8", "int4")
@@ -16,8 +16,10 @@ EMBEDDINGS = ("fp32", "int8", "int4")
 @dataclass(frozen=True)
 class ExportConfig:
     quant: str = "int4"
-    """int4 (MatMulNBits 4-bit blocks), int8 (ONNX Runtime dynamic quantization: per-channel
-    int8 weights, DynamicQuantizeLinear + MatMulInteger; ORT backend only) or none (fp32)."""
+    """int4 (MatMulNBits 4-bit blocks), int8 (MatMulNBits 8-bit blocks; with accuracy_level
+    4 the activations are quantized to int8 per block at run time), int8-dynamic (ONNX
+    Runtime's quantize_dynamic: per-channel int8 weights, one uint8 scale per activation
+    tensor, DynamicQuantizeLinear + MatMulInteger; ORT backend only) or none (fp32)."""
     algo: str = "rtn"
     """How int4 blocks are chosen: rtn (round to nearest), hqq (half-quadratic, no data) or
     gptq (Hessian-compensated rounding over calibration text). Same layout for all three."""

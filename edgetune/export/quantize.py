@@ -30,7 +30,7 @@ class QuantSummary:
     kept: list[str]  # MatMul weights left in fp32, with the reason
 
 
-def _is_lm_head(node: onnx.NodeProto, graph_outputs: set[str]) -> bool:
+def is_lm_head(node: onnx.NodeProto, graph_outputs: set[str]) -> bool:
     return "lm_head" in node.name or node.output[0] in graph_outputs
 
 
@@ -90,7 +90,7 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig,
             continue
         bar.update()
         w = numpy_helper.to_array(inits[node.input[1]])
-        head = _is_lm_head(node, outputs)
+        head = is_lm_head(node, outputs)
         bits = 4
         if cfg.quant == "int8" or (head and cfg.lm_head == "int8"):
             bits = 8

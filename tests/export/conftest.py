@@ -32,3 +32,8 @@ def emb4_bundle(merged_model, task_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def int8_bundle(merged_model, task_data, tmp_path_factory):
     return _export(merged_model, task_data, tmp_path_factory, "int8", quant="int8")
+
+
+@pytest.fixture(scope="session")
+def int8_dynamic_bundle(merged_model, task_data, tmp_path_factory):
+    return _export(merged_model, task_data, tmp_path_factory, "int8-dyn", quant="int8-dynamic")
