@@ -221,7 +221,27 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    if not args.json:
+        return _bench(args, print)
+    # --json prints one object on stdout: whatever libraries print there while the benchmark
+    # runs (DeepSpeed's accelerator notice, in child processes too) goes to stderr instead
+    import os
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        report = _bench(args, lambda s: print(s, file=sys.stderr))
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    print(json.dumps(report))
+    return 0
+
+
+def _bench(args, log):
+    """Run one benchmark: its JSON-ready report with --json, else print its table (None)."""
     if args.what != "runtime" and args.bundle:
         raise ConfigError(f"bench {args.what} takes no bundle (only bench runtime does)")
     if args.what == "runtime":
@@ -229,7 +249,9 @@ def cmd_bench(args) -> int:
 
         report = bench(args.bundle, quick=args.quick, threads=args.threads,
                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, log=log)
-        print(json.dumps(report) if args.json else format_results(report))
+        if args.json:
+            return report
+        print(format_results(report))
         return 0
     if args.what == "kernels":
         from .bench.kernels import bench, format_results
@@ -247,9 +269,8 @@ def cmd_bench(args) -> int:
         results = bench(layers=4 if args.quick else 16, log=log)
         rows = results
     if args.json:
-        print(json.dumps({"benchmark": args.what, "results": rows}))
-    else:
-        print(format_results(results))
+        return {"benchmark": args.what, "results": rows}
+    print(format_results(results))
     return 0
 
 

@@ -77,7 +77,6 @@ def random_q4(k: int, n: int, block: int, rng: np.random.Generator) -> Q4Weight:
 
 def ort_matmulnbits(weights: list[Q4Weight], m: int, accuracy_level: int, threads: int):
     """One ONNX Runtime session computing A @ B_i for every weight; returns a callable."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     w0 = weights[0]
@@ -89,15 +88,23 @@ def ort_matmulnbits(weights: list[Q4Weight], m: int, accuracy_level: int, thread
                                       domain="com.microsoft", K=w.k, N=w.n, bits=4,
                                       block_size=w.block, accuracy_level=accuracy_level))
         outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [m, w.n]))
+    return _ort_runner(nodes, outs, inits, m, w0.k, threads)
+
+
+def _ort_runner(nodes, outs, inits, m: int, k: int, threads: int):
+    """One ONNX Runtime session over ``nodes`` with input A (m, k); a callable running it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info(
-        "A", TensorProto.FLOAT, [m, w0.k])], outs, inits)
+        "A", TensorProto.FLOAT, [m, k])], outs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid("com.microsoft", 1)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((m, w0.k)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
     return lambda: sess.run(None, {"A": x})
 
 
@@ -113,7 +120,6 @@ def random_nf4(k: int, n: int, rng: np.random.Generator):
 
 def ort_matmulbnb4(weights: list, m: int, threads: int):
     """One ONNX Runtime session computing A @ dequant(W_i).T with ``MatMulBnb4`` (NF4)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from ..kernels import reference
@@ -128,16 +134,7 @@ def ort_matmulbnb4(weights: list, m: int, threads: int):
                                       domain="com.microsoft", K=k, N=n, block_size=64,
                                       quant_type=1))
         outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [m, n]))
-    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info(
-        "A", TensorProto.FLOAT, [m, k])], outs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
-    return lambda: sess.run(None, {"A": x})
+    return _ort_runner(nodes, outs, inits, m, k, threads)
 
 
 def _nf4_results(k: int, n: int, batches, threads: int, bw: float, rng) -> list[BenchResult]:

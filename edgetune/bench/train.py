@@ -37,8 +37,22 @@ def _model(hidden: int, layers: int, vocab: int):
         return Phi3ForCausalLM(cfg).float()
 
 
+def _copy_tokenizer(model_dir: str) -> None:
+    import shutil
+
+    from ..models import tiny_model_path
+
+    for f in tiny_model_path().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, model_dir)
+
+
 def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: int,
          out: mp.Queue) -> None:
+    import os
+
+    os.dup2(2, 1)  # libraries' notices (e.g. DeepSpeed's accelerator warning) must not reach
+    # the parent's stdout, where --json prints its one object; results go back by the queue
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -87,6 +101,7 @@ def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int =
     results = []
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-train-") as model_dir:
         _model(hidden, layers, vocab).save_pretrained(model_dir)  # fp32 safetensors
+        _copy_tokenizer(model_dir)  # a model dir is complete with one (not used for speed)
         for setup in SETUPS:
             q = ctx.Queue()
             p = ctx.Process(target=_run, args=(setup, model_dir, vocab, batch, seq, steps, q))

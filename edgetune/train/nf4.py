@@ -212,14 +212,20 @@ def load_model_nf4(model_dir, dtype=None, device: str = "cpu") -> nn.Module:
     biases: dict[str, torch.Tensor] = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                module, _, kind = key.rpartition(".")
-                if module in targets and kind == "weight":
-                    _set_module(model, module, NF4Linear.from_weight(f.get_tensor(key).to(dtype)))
-                elif module in targets and kind == "bias":
-                    biases[module] = f.get_tensor(key).to(dtype)
-                elif key in expected:
-                    rest[key] = f.get_tensor(key).to(dtype)
+            keys = list(f.keys())
+        for key in keys:
+            # one mapping per tensor: pages of a file mapped for the whole loop would stay
+            # resident (and count in RSS) until the end, i.e. the full fp checkpoint
+            with safe_open(str(path), framework="pt") as f:
+                tensor = f.get_tensor(key).to(dtype)
+            module, _, kind = key.rpartition(".")
+            if module in targets and kind == "weight":
+                _set_module(model, module, NF4Linear.from_weight(tensor))
+            elif module in targets and kind == "bias":
+                biases[module] = tensor
+            elif key in expected:
+                rest[key] = tensor
+            del tensor
     if any(not isinstance(model.get_submodule(t), NF4Linear) for t in targets):
         return quantize_model_nf4(load_model(model_dir, dtype=dtype, device=device))
     for module, b in biases.items():
