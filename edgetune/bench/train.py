@@ -49,10 +49,6 @@ def _copy_tokenizer(model_dir: str) -> None:
 
 def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: int,
          out: mp.Queue) -> None:
-    import os
-
-    os.dup2(2, 1)  # libraries' notices (e.g. DeepSpeed's accelerator warning) must not reach
-    # the parent's stdout, where --json prints its one object; results go back by the queue
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

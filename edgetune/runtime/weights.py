@@ -26,6 +26,15 @@ _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.UINT8: np.uint8,
        onnx.TensorProto.FLOAT16: np.float16}
 
 
+def _stored_bytes(w) -> int:
+    """Bytes a Linear or Embedding holds: packed codes and scales, or the fp32 table."""
+    if w.kind == "q4":
+        return w.q4.nbytes
+    if w.kind == "q8":
+        return w.q8_codes.nbytes + w.q8_scales.nbytes
+    return w.f32.nbytes
+
+
 @dataclass(frozen=True)
 class Linear:
     """One projection y = x @ W (+ bias): 4-bit, 8-bit (MatMulNBits) or fp32 (K, N)."""
@@ -41,11 +50,7 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        if self.kind == "q4":
-            return self.q4.nbytes
-        if self.kind == "q8":
-            return self.q8_codes.nbytes + self.q8_scales.nbytes
-        return self.f32.nbytes
+        return _stored_bytes(self)
 
 
 @dataclass(frozen=True)
@@ -72,11 +77,7 @@ class Embedding:
 
     @property
     def nbytes(self) -> int:
-        if self.kind == "q4":
-            return self.q4.nbytes
-        if self.kind == "q8":
-            return self.q8_codes.nbytes + self.q8_scales.nbytes
-        return self.f32.nbytes
+        return _stored_bytes(self)
 
 
 class OnnxWeights:

@@ -17,6 +17,8 @@ from edgetune.export.hqq import hqq_quantize
 from edgetune.export.q4codes import codes_for, q4_weight, rtn_params
 from edgetune.runtime import Model, SamplingConfig
 
+from .genai import genai_greedy
+
 
 def report(bundle):
     return json.loads((bundle / "report.json").read_text())
@@ -33,22 +35,6 @@ def greedy_prompts(model, task_data, n=4):
 
     return [model.encode(split_example(ex, model.render_chat)[0])
             for ex in load_examples(task_data[1])[:n]]
-
-
-def genai_greedy(bundle, ids, steps, eos_ids):
-    """onnxruntime-genai's greedy tokens, without the eos it returns and edgetune stops before."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(bundle))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + steps, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(ids, dtype=np.int32))
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
-    return got[:-1] if got and got[-1] in eos_ids else got
 
 
 def _fp32_table(bundle):
