@@ -20,6 +20,7 @@ __all__ = [
     "NF4Tensor", "Q4Weight", "NF4_CODE", "NF4_BLOCK", "Q4_BLOCK_SIZES", "backend",
     "available_backends", "nf4_quantize", "nf4_dequantize", "q4_quantize", "q4_dequantize",
     "q4_gemm", "q4q8_gemm", "nf4_gemv", "q8w_gemm", "q8_weight_quantize", "reference",
+    "rms_norm", "swiglu", "attention_decode", "prepare_q4q8_gemm", "prepare_q8w_gemm",
 ]
 
 BACKENDS = ("cython", "numba", "reference")
@@ -245,6 +246,49 @@ def q8w_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray,
     return out
 
 
+def _prepared(kernel: str, k: int, fast, slow):
+    """x -> y for one weight whose checks already passed: per call only x is checked (a few
+    attribute reads: a decoder calls this ~70 times a token, and the full dispatch costs
+    more than a small GEMV). The backend is the one ``kernel`` resolves to now."""
+    mod = _load("cython") if backend(kernel) == "cython" else None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if (type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 2
+                or x.shape[1] != k or not x.flags.c_contiguous):
+            _check(x, "x", np.float32, 2)
+            raise ValueError(f"x has K={x.shape[1]}, weight has K={k}")
+        if mod is None:
+            return slow(x)
+        return fast(mod, x)
+    return run
+
+
+def prepare_q4q8_gemm(w: Q4Weight, threads: int | None = None):
+    """``q4q8_gemm`` bound to one weight: a callable x (M, K) -> (M, N)."""
+    _check_q4(w)
+    zps, nt = (None if w.zero_points is None else w.zp_values), _threads(threads)
+
+    def fast(mod, x):
+        out = np.empty((x.shape[0], w.n), np.float32)
+        mod.q4q8_gemm(x, w.packed, w.scales, zps, out, nt)
+        return out
+    return _prepared("q4q8_gemm", w.k, fast, lambda x: q4q8_gemm(x, w, threads))
+
+
+def prepare_q8w_gemm(codes: np.ndarray, scales: np.ndarray, threads: int | None = None):
+    """``q8w_gemm`` bound to one 8-bit weight: a callable x (M, K) -> (M, N)."""
+    q8w_gemm(np.zeros((1, codes.shape[1] * codes.shape[2]) if codes.ndim == 3 else (1, 1),
+                      np.float32), codes, scales, threads=1)  # the full checks, once
+    nt = _threads(threads)
+
+    def fast(mod, x):
+        out = np.empty((x.shape[0], codes.shape[0]), np.float32)
+        mod.q8w_gemm(x, codes, scales, out, nt)
+        return out
+    return _prepared("q8w_gemm", codes.shape[1] * codes.shape[2], fast,
+                     lambda x: q8w_gemm(x, codes, scales, threads))
+
+
 def _numba_threads(threads: int | None) -> None:
     import numba
 
@@ -258,3 +302,69 @@ def q8_weight_quantize(b: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.n
     if block not in Q4_BLOCK_SIZES or b.shape[0] % block:
         raise ValueError(f"block size must be one of {Q4_BLOCK_SIZES} and divide K={b.shape[0]}")
     return reference.q8_weight_quantize(b, block)
+
+
+# -- decoder ops of the native runtime (C, or the numpy reference) --------------------------
+
+def _fast_op(kernel: str):
+    """The compiled module when it runs ``kernel`` (Numba has no decoder ops), else None."""
+    name = backend(kernel)
+    return _load(name) if name == "cython" else None
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x (T, H) / sqrt(mean(x ** 2) + eps) * w (H,), fp32."""
+    _check(x, "x", np.float32, 2)
+    _check(w, "w", np.float32, 1)
+    if w.shape[0] != x.shape[1]:
+        raise ValueError(f"norm weight has {w.shape[0]} values, x rows have {x.shape[1]}")
+    mod = _fast_op("rms_norm")
+    if mod is None or x.size == 0:
+        return reference.rms_norm(x, w, eps)
+    out = np.empty_like(x)
+    mod.rms_norm(x, w, out, float(eps))
+    return out
+
+
+def swiglu(gu: np.ndarray) -> np.ndarray:
+    """silu(gate) * up for gu (T, 2N) = [gate | up] (Phi-3's fused gate_up_proj output)."""
+    _check(gu, "gu", np.float32, 2)
+    if gu.shape[1] % 2:
+        raise ValueError(f"gate|up rows need an even length, got {gu.shape[1]}")
+    mod = _fast_op("swiglu")
+    if mod is None or gu.size == 0:
+        return reference.swiglu(gu)
+    out = np.empty((gu.shape[0], gu.shape[1] // 2), np.float32)
+    mod.swiglu(gu, out)
+    return out
+
+
+def attention_decode(q: np.ndarray, k: np.ndarray, v: np.ndarray, kc: np.ndarray,
+                     vc: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: int, first: int,
+                     scale: float, threads: int | None = None) -> np.ndarray:
+    """Attention of one new token at position ``pos`` over cache positions [first, pos]:
+    q (n_heads, d), k and v (n_kv, d) of the token (k rotated and both written into the
+    caches kc / vc (n_kv, ctx, d) at ``pos``), cos / sin (rot,) rotary tables of ``pos``.
+    Returns (n_heads, d); heads are split over ``threads``."""
+    for arr, name, ndim in ((q, "q", 2), (k, "k", 2), (v, "v", 2), (kc, "kc", 3), (vc, "vc", 3),
+                            (cos, "cos", 1), (sin, "sin", 1)):
+        _check(arr, name, np.float32, ndim)
+    n_heads, d = q.shape
+    n_kv, ctx = k.shape[0], kc.shape[1]
+    if (k.shape != (n_kv, d) or v.shape != (n_kv, d) or kc.shape != (n_kv, ctx, d)
+            or vc.shape != kc.shape or n_kv == 0 or n_heads % n_kv):
+        raise ValueError(f"attention shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}, "
+                         f"caches {kc.shape} / {vc.shape}")
+    if cos.shape != sin.shape or cos.shape[0] > d or cos.shape[0] % 2 or d > 1024:
+        raise ValueError(f"rotary tables {cos.shape} / {sin.shape} do not fit head_dim {d}")
+    if not 0 <= first <= pos < ctx:
+        raise ValueError(f"positions first={first}, pos={pos} outside the cache of {ctx}")
+    if not (kc.flags.writeable and vc.flags.writeable):
+        raise ValueError("the KV caches must be writable")
+    mod = _fast_op("attention_decode")
+    if mod is None:
+        return reference.attention_decode(q, k, v, kc, vc, cos, sin, pos, first, scale)
+    out = np.empty_like(q)
+    mod.attention_decode(q, k, v, kc, vc, cos, sin, out, np.empty(n_heads * (pos + 1), np.float32),
+                         pos, first, float(scale), _threads(threads))
+    return out

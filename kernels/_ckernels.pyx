@@ -30,6 +30,14 @@ cdef extern from "edgetune_kernels.h":
                     size_t n, size_t k, size_t block, int threads, int use_simd) nogil
     int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, const float *code,
                     float *y, size_t m, size_t n, size_t k, int threads, int use_simd) nogil
+    void et_rms_norm(const float *x, const float *w, float *out, size_t t, size_t h, float eps,
+                     int use_simd) nogil
+    void et_swiglu(const float *gu, float *out, size_t t, size_t n, int use_simd) nogil
+    void et_attention_decode(const float *q, const float *k, const float *v, float *kc,
+                             float *vc, const float *cos, const float *sin, float *out,
+                             float *scores, size_t n_heads, size_t n_kv, size_t d, size_t rot,
+                             size_t ctx, size_t pos, size_t first, float scale, int threads,
+                             int use_simd) nogil
 
 HAVE_AVX2 = bool(et_have_avx2())
 
@@ -120,3 +128,23 @@ def q8w_gemm(const float[:, ::1] x, const uint8_t[:, :, ::1] codes, const float[
                          codes.shape[0], x.shape[1], codes.shape[2], threads, simd)
     if rc:
         raise MemoryError("q8w_gemm: out of memory for the activation workspace")
+
+
+def rms_norm(const float[:, ::1] x, const float[::1] w, float[:, ::1] out, float eps,
+             bint simd=HAVE_AVX2):
+    et_rms_norm(&x[0, 0], &w[0], &out[0, 0], x.shape[0], x.shape[1], eps, simd)
+
+
+def swiglu(const float[:, ::1] gu, float[:, ::1] out, bint simd=HAVE_AVX2):
+    et_swiglu(&gu[0, 0], &out[0, 0], gu.shape[0], out.shape[1], simd)
+
+
+def attention_decode(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
+                     float[:, :, ::1] kc, float[:, :, ::1] vc, const float[::1] cos,
+                     const float[::1] sin, float[:, ::1] out, float[::1] scratch, size_t pos,
+                     size_t first, float scale, int threads=1, bint simd=HAVE_AVX2):
+    """Shapes checked by edgetune.kernels.attention_decode."""
+    with nogil:
+        et_attention_decode(&q[0, 0], &k[0, 0], &v[0, 0], &kc[0, 0, 0], &vc[0, 0, 0], &cos[0],
+                            &sin[0], &out[0, 0], &scratch[0], q.shape[0], k.shape[0], q.shape[1],
+                            cos.shape[0], kc.shape[1], pos, first, scale, threads, simd)

@@ -359,3 +359,44 @@ def q8_weight_dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def q8w_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """y = x @ dequant(B) for an 8-bit MatMulNBits weight (see :func:`q8_weight_quantize`)."""
     return (x.astype(np.float32) @ q8_weight_dequantize(codes, scales)).astype(np.float32)
+
+
+# -- decoder ops of the native runtime (one token's worth of non-matmul work) ---------------
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x (T, H) over its root mean square, times w (H,)."""
+    var = np.einsum("th,th->t", x, x)[:, None] / np.float32(x.shape[-1])
+    return (x * (1.0 / np.sqrt(var + np.float32(eps))) * w).astype(np.float32)
+
+
+def swiglu(gu: np.ndarray) -> np.ndarray:
+    """silu(gate) * up for gu (T, 2N) = [gate | up]."""
+    g, u = np.split(gu, 2, axis=-1)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g: silu(g) = -0
+        return (g / (1.0 + np.exp(-g)) * u).astype(np.float32)
+
+
+def rope_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half rotary embedding of the first ``len(cos)`` values of each row of x (..., d);
+    cos / sin are cat(angles, angles)."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    r = x[..., :rot]
+    rotated = np.concatenate([-r[..., half:], r[..., :half]], axis=-1)
+    return np.concatenate([r * cos + rotated * sin, x[..., rot:]], axis=-1).astype(np.float32)
+
+
+def attention_decode(q, k, v, kc, vc, cos, sin, pos: int, first: int, scale: float) -> np.ndarray:
+    """One new token at ``pos``: rotated k and v written into the caches kc / vc (n_kv, ctx, d)
+    at ``pos``; softmax(scale * rot(q) . K[first:pos+1]) @ V per head (n_heads, d), head h
+    reading kv head h // (n_heads // n_kv)."""
+    kc[:, pos] = rope_rotate(k, cos, sin)
+    vc[:, pos] = v
+    group = q.shape[0] // k.shape[0]
+    qr = rope_rotate(q, cos, sin)
+    keys = np.repeat(kc[:, first:pos + 1], group, axis=0)
+    vals = np.repeat(vc[:, first:pos + 1], group, axis=0)
+    s = np.einsum("hd,hsd->hs", qr, keys) * np.float32(scale)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("hs,hsd->hd", p, vals).astype(np.float32)

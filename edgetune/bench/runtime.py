@@ -143,7 +143,7 @@ def _measure(backend: str, bundle: str, threads: int, prompt_tokens: int, new_to
         """(prefill s, first-token s, decode s for steps - 1 tokens); greedy, eos ignored."""
         context = list(ids)
         t0 = time.perf_counter()
-        logits, past = dec.forward(np.array([ids], np.int64))
+        logits, past = dec.forward(np.array([ids], np.int64), last_only=True)
         t1 = time.perf_counter()
         nxt = select(logits[0, -1], context, cfg, rng)
         t2 = time.perf_counter()
@@ -220,19 +220,34 @@ def bench(bundle: str | os.PathLike | None = None, quick: bool = False, threads:
     bw, _ = read_bandwidth(threads, (128 if quick else 512) << 20)
     log(f"read bandwidth ({threads} threads): {bw:.1f} GB/s; weights {total / 1e6:.0f} MB, "
         f"{per_token / 1e6:.0f} MB read per decoded token")
+    # rounds alternate the backends (ort, native, ort, native): a slow phase of this shared
+    # machine then hits both, and each backend keeps its best round (noise only slows)
+    rounds = 1 if quick else 2
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for backend in BACKENDS:
+            r = _run_backend(backend, bundle, threads, prompt_tokens, new_tokens, 1 if quick else 3)
+            prev = best.get(backend)
+            if prev is None or r["tokens_per_s"] > prev["tokens_per_s"]:
+                if prev is not None:
+                    r["peak_rss_bytes"] = max(r["peak_rss_bytes"], prev["peak_rss_bytes"])
+                best[backend] = r
+            else:
+                prev["peak_rss_bytes"] = max(r["peak_rss_bytes"], prev["peak_rss_bytes"])
     results = []
     for backend in BACKENDS:
-        r = _run_backend(backend, bundle, threads, prompt_tokens, new_tokens, 1 if quick else 3)
+        r = best[backend]
+        r["rounds"] = rounds
         r["peak_rss_mb"] = r["peak_rss_bytes"] / 2**20
         r["rss_per_weight_byte"] = r["peak_rss_bytes"] / total
         r["decode_weight_gb_s"] = per_token * r["tokens_per_s"] / 1e9
         r["bw_utilisation"] = r["decode_weight_gb_s"] / bw
         log(f"{backend}: prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode "
             f"{r['tokens_per_s']:.1f} tok/s, first token {r['first_token_ms']:.0f} ms, "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB")
+            f"peak RSS {r['peak_rss_mb']:.0f} MB (best of {rounds})")
         results.append(r)
     ort, native = results
-    native.update(baseline=ort["tokens_per_s"], ratio=native["tokens_per_s"] / ort["tokens_per_s"],
+    native.update(baseline="ort", baseline_tokens_per_s=ort["tokens_per_s"], ratio=native["tokens_per_s"] / ort["tokens_per_s"],
                   prefill_ratio=native["prefill_tokens_per_s"] / ort["prefill_tokens_per_s"],
                   first_token_ratio=ort["first_token_ms"] / native["first_token_ms"],
                   rss_ratio=native["peak_rss_bytes"] / ort["peak_rss_bytes"])

@@ -120,7 +120,7 @@ class Model:
         budget = min(cfg.max_new_tokens, self.context_length - len(prompt_ids))
         context = list(prompt_ids)
         t0 = time.perf_counter()
-        logits, past = self.decoder.forward(np.array([prompt_ids], np.int64))
+        logits, past = self.decoder.forward(np.array([prompt_ids], np.int64), last_only=True)
         t_first = time.perf_counter()
         n = 0
         try:

@@ -48,12 +48,7 @@ class KVCache:
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (T, H) normalised by its root mean square, times w (H,); fp32, C-contiguous."""
-    var = np.einsum("th,th->t", x, x)[:, None] / np.float32(x.shape[-1])
-    return x * (1.0 / np.sqrt(var + np.float32(eps))) * w
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+    return kernels.rms_norm(np.ascontiguousarray(x, dtype=np.float32), w, eps)
 
 
 class Rope:
@@ -134,6 +129,10 @@ class NativeDecoder:
         self.weight_bytes = sum(lin.nbytes for lin in self.lin.values()) + self.embed.nbytes
         self.fixed = {name: fx.fixed_scales(lin.q4) for name, lin in self.lin.items()
                       if integer and lin.kind == "q4"}
+        # each projection's GEMM bound once: weight checks and dispatch out of the token loop
+        self.gemm = {name: kernels.prepare_q4q8_gemm(lin.q4, threads) if lin.kind == "q4" else
+                     kernels.prepare_q8w_gemm(lin.q8_codes, lin.q8_scales, threads)
+                     for name, lin in self.lin.items() if lin.kind in ("q4", "q8")}
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -145,10 +144,8 @@ class NativeDecoder:
             y = np.stack([fx.q4q8_gemv_fixed_fast(lin.q4, ws_fx, ws_frac,
                                                   fx.fixed_activation(row, lin.q4.block))
                           for row in x]).astype(np.float32) / np.float32(2.0**fx.OUT_FRAC)
-        elif lin.kind == "q4":
-            y = kernels.q4q8_gemm(x, lin.q4, threads=self.threads)
-        elif lin.kind == "q8":
-            y = kernels.q8w_gemm(x, lin.q8_codes, lin.q8_scales, threads=self.threads)
+        elif lin.kind in ("q4", "q8"):
+            y = self.gemm[name](x)
         else:
             y = x @ lin.f32
         return y + lin.bias if lin.bias is not None else y
@@ -167,17 +164,23 @@ class NativeDecoder:
         p = f"model.layers.{i}.mlp"
         if f"{p}.gate_up_proj" in self.lin:
             gu = self.linear(x, f"{p}.gate_up_proj")
-            half = gu.shape[-1] // 2
-            act = silu(gu[:, :half]) * gu[:, half:]
         else:
-            act = silu(self.linear(x, f"{p}.gate_proj")) * self.linear(x, f"{p}.up_proj")
-        return self.linear(np.ascontiguousarray(act, dtype=np.float32), f"{p}.down_proj")
+            gu = np.concatenate([self.linear(x, f"{p}.gate_proj"),
+                                 self.linear(x, f"{p}.up_proj")], axis=1)
+        return self.linear(kernels.swiglu(gu), f"{p}.down_proj")
 
     def _attention(self, i: int, x: np.ndarray, cache: KVCache, start: int,
                    rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         t = x.shape[0]
         q, k, v = self._qkv(i, x)
         total = start + t
+        if t == 1:  # decoding: one fused call (rotary, cache write, softmax, values)
+            first = max(0, start - self.window + 1) if self.window else 0
+            out = kernels.attention_decode(
+                q.reshape(self.n_heads, self.head_dim), k.reshape(self.n_kv, self.head_dim),
+                v.reshape(self.n_kv, self.head_dim), cache.k[i], cache.v[i], rope[0][0],
+                rope[1][0], start, first, 1.0 / math.sqrt(self.head_dim), self.threads)
+            return self.linear(out.reshape(1, -1), f"model.layers.{i}.self_attn.o_proj")
         pos = np.arange(start, total)
         q = self.rope.rotate(q.reshape(t, self.n_heads, self.head_dim).transpose(1, 0, 2), *rope)
         k = self.rope.rotate(k.reshape(t, self.n_kv, self.head_dim).transpose(1, 0, 2), *rope)
@@ -206,9 +209,11 @@ class NativeDecoder:
     def new_cache(self) -> KVCache:
         return KVCache(self.n_layers, self.n_kv, self.context, self.head_dim)
 
-    def forward(self, input_ids: np.ndarray, past: KVCache | None = None
-                ) -> tuple[np.ndarray, KVCache]:
-        """Logits (1, T, V) for ``input_ids`` (1, T) after ``past``; the cache grows in place."""
+    def forward(self, input_ids: np.ndarray, past: KVCache | None = None,
+                last_only: bool = False) -> tuple[np.ndarray, KVCache]:
+        """Logits (1, T, V) for ``input_ids`` (1, T) after ``past`` (``last_only``: (1, 1, V)
+        of the last position, which is all generation needs: the LM head, the largest
+        matrix, then runs once instead of T times); the cache grows in place."""
         if input_ids.shape[0] != 1:
             raise ValueError("the native backend decodes one sequence at a time")
         cache = past if past is not None else self.new_cache()
@@ -223,5 +228,7 @@ class NativeDecoder:
                                     start, rope)
             x = x + self._mlp(i, np.ascontiguousarray(rms_norm(x, n_post, self.eps)))
         cache.length = start + ids.size
+        if last_only:
+            x = x[-1:]
         logits = self.linear(np.ascontiguousarray(rms_norm(x, self.final_norm, self.eps)), "lm_head")
         return logits[None], cache

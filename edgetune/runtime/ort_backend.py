@@ -35,9 +35,10 @@ class OrtDecoder:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
                 for _ in self.past_names]
 
-    def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None
-                ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits (B, T, V) for ``input_ids`` (B, T) after ``past``; returns the new past."""
+    def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
+                last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits (B, T, V) for ``input_ids`` (B, T) after ``past`` (``last_only``: (B, 1, V),
+        the last position's); returns the new past."""
         batch, t = input_ids.shape
         past = past if past is not None else self.empty_past(batch)
         past_len = past[0].shape[2] if past else 0
@@ -48,4 +49,4 @@ class OrtDecoder:
                 np.arange(past_len, past_len + t, dtype=np.int64), (batch, t)).copy()
         feed.update(zip(self.past_names, past, strict=True))
         outs = self.session.run(self.output_names, feed)
-        return outs[0], outs[1:]
+        return (outs[0][:, -1:] if last_only else outs[0]), outs[1:]

@@ -62,3 +62,25 @@ int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, 
 int et_q8w_gemm(const float *x, const uint8_t *codes, const float *scales, float *y, size_t m,
                 size_t n, size_t k, size_t block, int threads, int use_simd);
 #endif
+
+#ifndef EDGETUNE_OPS_DECL
+#define EDGETUNE_OPS_DECL
+/* Decoder ops (ops.c); shapes checked by the caller. */
+
+/* out (T, H) = x / sqrt(mean(x^2) + eps) * w, per row. */
+void et_rms_norm(const float *x, const float *w, float *out, size_t t, size_t h, float eps,
+                 int use_simd);
+
+/* out (T, N) = silu(gu[:, :N]) * gu[:, N:], gu (T, 2N). */
+void et_swiglu(const float *gu, float *out, size_t t, size_t n, int use_simd);
+
+/* One new token at position `pos` attending to cache positions [first, pos]: k and v
+ * (n_kv, d) rotated (k) and written at `pos` of kc / vc (n_kv, ctx, d); q (n_heads, d)
+ * rotated; out (n_heads, d) = softmax(scale q.K) V per head, head h reading kv head
+ * h / (n_heads / n_kv), heads split over `threads` OpenMP threads. cos / sin: (rot,) tables
+ * of the position; scratch: n_heads * (pos + 1) floats. d <= 1024. */
+void et_attention_decode(const float *q, const float *k, const float *v, float *kc, float *vc,
+                         const float *cos, const float *sin, float *out, float *scratch,
+                         size_t n_heads, size_t n_kv, size_t d, size_t rot, size_t ctx,
+                         size_t pos, size_t first, float scale, int threads, int use_simd);
+#endif

@@ -11,9 +11,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define ET_X86 1
@@ -25,16 +22,23 @@
 #define ET_PREFETCH 1024 /* bytes ahead of the weight stream to prefetch */
 #endif
 
-/* This thread's share [r0, r1) of n output rows inside an OpenMP parallel region. */
-static void thread_rows(size_t n, size_t *r0, size_t *r1) {
-    size_t t = 0, T = 1;
-#ifdef _OPENMP
-    t = (size_t)omp_get_thread_num();
-    T = (size_t)omp_get_num_threads();
-#endif
-    *r0 = n * t / T;
-    *r1 = n * (t + 1) / T;
-}
+/* Output rows go to threads in chunks, whichever thread is free taking the next one (OpenMP
+ * dynamic schedule), so a core slowed by a busy neighbour (a shared vCPU, a little core)
+ * takes fewer rows instead of holding the others at the join; measured here, one of the two
+ * vCPUs ran a kernel up to 1.8x slower than the other, and an even split ran at its pace.
+ * About 16 chunks a thread: big enough to keep each weight stream long. Statement `...`
+ * reads its rows as [r0, r1). */
+#define ET_FOR_ROWS(nt, n, ...)                                                               \
+    do {                                                                                      \
+        const size_t et_chunk_ = (n) / (16 * (size_t)(nt)) > 0 ? (n) / (16 * (size_t)(nt)) : 1; \
+        const size_t et_count_ = ((n) + et_chunk_ - 1) / et_chunk_;                           \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nt)")                      \
+        for (size_t et_c_ = 0; et_c_ < et_count_; et_c_++) {                                  \
+            const size_t r0 = et_c_ * et_chunk_;                                              \
+            const size_t r1 = r0 + et_chunk_ < (n) ? r0 + et_chunk_ : (n);                    \
+            __VA_ARGS__;                                                                      \
+        }                                                                                     \
+    } while (0)
 
 /* Threads worth starting for a matmul of n rows x k: one for small ones (start-up costs more). */
 static int team_size(int threads, size_t n, size_t k) {
@@ -199,53 +203,77 @@ ET_INLINE void nibbles_f32(const uint8_t *p, __m256 *lo, __m256 *hi) {
     *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
 
-/* One weight row against MR activation rows: y[i] = sum_b s_b * sum_k q x_i - zero-point term.
- * Low and high nibbles feed separate accumulators and even and odd blocks separate block
- * sums, so no FMA waits on the previous one. */
-ET_INLINE void q4_f32_row(const uint8_t *p, const float *s, const uint8_t *zps, const float *xp,
-                          const float *xsum, float *y, size_t ystride, size_t k, size_t block,
-                          const int mr) {
-    const size_t nb = k / block, groups = block / 16;
-    __m256 acc[2][ET_MR];
-    for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
-    for (size_t b = 0; b < nb; b++) {
-        __m256 ta[ET_MR], tb[ET_MR];
-        for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
-        for (size_t g = b * groups; g < (b + 1) * groups; g++) {
-            __m256 lo, hi;
-            nibbles_f32(p + 8 * g, &lo, &hi);
-            for (int i = 0; i < mr; i++) {
-                const float *xg = xp + i * k + 16 * g;
-                ta[i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg), ta[i]);
-                tb[i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + 8), tb[i]);
-            }
+/* One block of one weight row against MR activation rows: acc[i] += s_b * sum q x_i. Low and
+ * high nibbles feed separate partial sums so consecutive FMAs do not wait on each other. */
+ET_INLINE void q4_f32_block(const uint8_t *p, float sb, const float *xp, size_t k, size_t b,
+                            const size_t block, const int mr, __m256 *acc) {
+    const size_t groups = block / 16;
+    __m256 ta[ET_MR], tb[ET_MR];
+    for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
+    for (size_t g = b * groups; g < (b + 1) * groups; g++) {
+        __m256 lo, hi;
+        nibbles_f32(p + 8 * g, &lo, &hi);
+        for (int i = 0; i < mr; i++) {
+            const float *xg = xp + i * k + 16 * g;
+            ta[i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg), ta[i]);
+            tb[i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + 8), tb[i]);
         }
-        __m256 sb = _mm256_broadcast_ss(s + b);
-        for (int i = 0; i < mr; i++)
-            acc[b & 1][i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), sb, acc[b & 1][i]);
     }
+    const __m256 vs = _mm256_set1_ps(sb);
+    for (int i = 0; i < mr; i++) acc[i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), vs, acc[i]);
+}
+
+/* One weight row against MR activation rows: y[i] = sum_b s_b * sum_k q x_i - zero-point term.
+ * Blocks go in pairs into two register accumulators (an array indexed by b & 1 would live on
+ * the stack and chain every block through a store and a reload). `block` is a compile-time
+ * constant at each call site, so a block's groups unroll completely. */
+ET_INLINE void q4_f32_row(const uint8_t *p, const float *s, const uint8_t *zps, const float *xp,
+                          const float *xsum, float *y, size_t ystride, size_t k, const size_t block,
+                          const int mr) {
+    const size_t nb = k / block;
+    __m256 acc0[ET_MR], acc1[ET_MR];
+    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    size_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        _mm_prefetch((const char *)(p + b * block / 2 + ET_PREFETCH), _MM_HINT_NTA);
+        q4_f32_block(p, s[b], xp, k, b, block, mr, acc0);
+        q4_f32_block(p, s[b + 1], xp, k, b + 1, block, mr, acc1);
+    }
+    if (b < nb) q4_f32_block(p, s[b], xp, k, b, block, mr, acc0);
     for (int i = 0; i < mr; i++)
-        y[i * ystride] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i]))
+        y[i * ystride] = hsum256(_mm256_add_ps(acc0[i], acc1[i]))
                          - zero_point_term(s, zps, xsum + i * nb, nb);
 }
+
+#define Q4F32_ROWS(BLOCK)                                                                     \
+    for (size_t r = r0; r < r1; r++) {                                                        \
+        const uint8_t *p = packed + r * (k / 2);                                              \
+        const float *s = scales + r * nb;                                                     \
+        const uint8_t *z = zps ? zps + r * nb : NULL;                                         \
+        size_t i = 0;                                                                         \
+        for (; i + 4 <= m; i += 4)                                                            \
+            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 4);    \
+        for (; i + 2 <= m; i += 2)                                                            \
+            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 2);    \
+        for (; i < m; i++)                                                                    \
+            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 1);    \
+    }
 
 ET_AVX2 static void q4_gemm_f32_avx2(const float *xp, const float *xsum, const uint8_t *packed,
                                      const float *scales, const uint8_t *zps, float *y, size_t m,
                                      size_t n, size_t k, size_t block, size_t r0, size_t r1) {
     size_t nb = k / block;
-    for (size_t r = r0; r < r1; r++) {
-        const uint8_t *p = packed + r * (k / 2);
-        const float *s = scales + r * nb;
-        const uint8_t *z = zps ? zps + r * nb : NULL;
-        size_t i = 0;
-        for (; i + 4 <= m; i += 4)
-            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, block, 4);
-        for (; i + 2 <= m; i += 2)
-            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, block, 2);
-        for (; i < m; i++)
-            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, block, 1);
+    if (block == 32) {
+        Q4F32_ROWS(32)
+    } else if (block == 64) {
+        Q4F32_ROWS(64)
+    } else if (block == 128) {
+        Q4F32_ROWS(128)
+    } else {
+        Q4F32_ROWS(block)
     }
 }
+#undef Q4F32_ROWS
 
 /* int8 activations, prepared per 64-element chunk (32 packed bytes): 32 even-position codes,
  * then 32 odd-position codes; the activation scale of each of the chunk's 8 int32 lanes (8
@@ -312,33 +340,47 @@ ET_INLINE __m256 lane_scales(const float *s, size_t c, const size_t block) {
 /* One weight row against MR activation rows: int32 lane sums of q * xq (maddubs: u8 x s8 ->
  * s16 pairs, |2 * 15 * 127| fits; madd to int32), scaled per lane by xs * ws; the zero points
  * come off once per output. `block` is a compile-time constant at each call site. */
+ET_INLINE void q4q8_chunk(const uint8_t *p, const float *s, const q8_prep *P, size_t i0,
+                          size_t k, size_t c, const size_t block, const int mr, __m256 *acc) {
+    const size_t lanes = k / 8;
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    /* a few cache lines ahead of the weight stream: keeps DRAM busy while this line's
+     * multiply-adds run (the thread's rows are one contiguous stream); non-temporal, so the
+     * streamed weights do not push the rest of the program out of the caches */
+    _mm_prefetch((const char *)(p + 32 * c + ET_PREFETCH), _MM_HINT_NTA);
+    __m256i w = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
+    __m256i lo = _mm256_and_si256(w, m4);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+    __m256 sw = lane_scales(s, c, block);
+    for (int i = 0; i < mr; i++) {
+        const int8_t *xc = P->xq + (i0 + i) * k + 64 * c;
+        __m256i d = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d, ones)),
+                                 _mm256_loadu_ps(P->sx + (i0 + i) * lanes + 8 * c));
+        acc[i] = _mm256_fmadd_ps(t, sw, acc[i]);
+    }
+}
+
+/* One weight row against MR activation rows: int32 lane sums of q * xq (maddubs: u8 x s8 ->
+ * s16 pairs, |2 * 15 * 127| fits; madd to int32), scaled per lane by xs * ws; the zero points
+ * come off once per output. Chunks go in pairs into two register accumulators. `block` is a
+ * compile-time constant at each call site. */
 ET_INLINE void q4q8_row(const uint8_t *p, const float *s, const uint8_t *zps, const q8_prep *P,
                         size_t i0, float *y, size_t ystride, size_t k, const size_t block,
                         const int mr) {
-    const size_t chunks = k / 64, lanes = k / 8, nb = k / block;
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    __m256 acc[2][ET_MR];
-    for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
-    for (size_t c = 0; c < chunks; c++) {
-        /* a few cache lines ahead of the weight stream: keeps DRAM busy while this line's
-         * multiply-adds run (the thread's rows are one contiguous stream) */
-        _mm_prefetch((const char *)(p + 32 * c + ET_PREFETCH), _MM_HINT_T0);
-        __m256i w = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
-        __m256i lo = _mm256_and_si256(w, m4);
-        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
-        __m256 sw = lane_scales(s, c, block);
-        for (int i = 0; i < mr; i++) {
-            const int8_t *xc = P->xq + (i0 + i) * k + 64 * c;
-            __m256i d = _mm256_add_epi16(
-                _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
-                _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
-            __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d, ones)),
-                                     _mm256_loadu_ps(P->sx + (i0 + i) * lanes + 8 * c));
-            acc[c & 1][i] = _mm256_fmadd_ps(t, sw, acc[c & 1][i]);
-        }
+    const size_t chunks = k / 64, nb = k / block;
+    __m256 acc0[ET_MR], acc1[ET_MR];
+    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    size_t c = 0;
+    for (; c + 2 <= chunks; c += 2) {
+        q4q8_chunk(p, s, P, i0, k, c, block, mr, acc0);
+        q4q8_chunk(p, s, P, i0, k, c + 1, block, mr, acc1);
     }
+    if (c < chunks) q4q8_chunk(p, s, P, i0, k, c, block, mr, acc0);
     for (int i = 0; i < mr; i++)
-        y[i * ystride] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i]))
+        y[i * ystride] = hsum256(_mm256_add_ps(acc0[i], acc1[i]))
                          - zero_point_term(s, zps, P->cb + (i0 + i) * nb, nb);
 }
 
@@ -376,29 +418,41 @@ ET_INLINE __m256 lut16(__m256i idx, __m256 lo, __m256 hi) {
 
 /* NF4 weight (n, k), k % 64 == 0: a 64-element NF4 block is 4 groups of 8 bytes, and its
  * absmax scales the block's sum. Activations permuted as for the Q4 fp32 kernel. */
+ET_INLINE void nf4_block(const uint8_t *p, const et_absmax *absmax, size_t b0, const float *xp,
+                         size_t k, size_t b, __m256 tlo, __m256 thi, const int mr, __m256 *acc) {
+    const __m256i m4 = _mm256_set1_epi32(15);
+    __m256 ta[ET_MR], tb[ET_MR];
+    for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
+    for (size_t g = 4 * b; g < 4 * b + 4; g++) {
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * g)));
+        __m256 lo = lut16(_mm256_and_si256(v, m4), tlo, thi);
+        __m256 hi = lut16(_mm256_srli_epi32(v, 4), tlo, thi);
+        for (int i = 0; i < mr; i++) {
+            const float *xg = xp + i * k + 16 * g;
+            ta[i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg), ta[i]);
+            tb[i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + 8), tb[i]);
+        }
+    }
+    __m256 a = _mm256_set1_ps(et_absmax_at(absmax, b0 + b));
+    for (int i = 0; i < mr; i++) acc[i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), a, acc[i]);
+}
+
+/* NF4 weight (n, k), k % 64 == 0: a 64-element NF4 block is 4 groups of 8 bytes, and its
+ * absmax scales the block's sum. Activations permuted as for the Q4 fp32 kernel; blocks in
+ * pairs into two register accumulators. */
 ET_INLINE void nf4_row(const uint8_t *p, const et_absmax *absmax, size_t b0, const float *xp,
                        float *y, size_t ystride, size_t k, __m256 tlo, __m256 thi, const int mr) {
-    const __m256i m4 = _mm256_set1_epi32(15);
-    __m256 acc[2][ET_MR];
-    for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
-    for (size_t b = 0; b < k / 64; b++) {
-        __m256 ta[ET_MR], tb[ET_MR];
-        for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
-        for (size_t g = 4 * b; g < 4 * b + 4; g++) {
-            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * g)));
-            __m256 lo = lut16(_mm256_and_si256(v, m4), tlo, thi);
-            __m256 hi = lut16(_mm256_srli_epi32(v, 4), tlo, thi);
-            for (int i = 0; i < mr; i++) {
-                const float *xg = xp + i * k + 16 * g;
-                ta[i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg), ta[i]);
-                tb[i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + 8), tb[i]);
-            }
-        }
-        __m256 a = _mm256_set1_ps(et_absmax_at(absmax, b0 + b));
-        for (int i = 0; i < mr; i++)
-            acc[b & 1][i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), a, acc[b & 1][i]);
+    const size_t nb = k / 64;
+    __m256 acc0[ET_MR], acc1[ET_MR];
+    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    size_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        _mm_prefetch((const char *)(p + 32 * b + ET_PREFETCH), _MM_HINT_NTA);
+        nf4_block(p, absmax, b0, xp, k, b, tlo, thi, mr, acc0);
+        nf4_block(p, absmax, b0, xp, k, b + 1, tlo, thi, mr, acc1);
     }
-    for (int i = 0; i < mr; i++) y[i * ystride] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i]));
+    if (b < nb) nf4_block(p, absmax, b0, xp, k, b, tlo, thi, mr, acc0);
+    for (int i = 0; i < mr; i++) y[i * ystride] = hsum256(_mm256_add_ps(acc0[i], acc1[i]));
 }
 
 ET_AVX2 static void nf4_gemv_avx2(const float *xp, const uint8_t *packed, const et_absmax *absmax,
@@ -416,47 +470,69 @@ ET_AVX2 static void nf4_gemv_avx2(const float *xp, const uint8_t *packed, const 
 
 /* 8-bit weights (zero point 128) x fp32 activations: 8 codes widened to floats per FMA, the
  * zero point folded into the block sums of x. */
-ET_INLINE void q8w_row(const uint8_t *q, const float *s, const float *x, const float *xsum,
-                       float *y, size_t ystride, size_t k, size_t block, const int mr) {
-    const size_t nb = k / block;
-    __m256 acc[2][ET_MR];
-    for (int i = 0; i < mr; i++) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
-    for (size_t b = 0; b < nb; b++) {
-        __m256 ta[ET_MR], tb[ET_MR];
-        for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
-        for (size_t j = b * block; j < (b + 1) * block; j += 16) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(q + j));
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
-            for (int i = 0; i < mr; i++) {
-                ta[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * k + j), ta[i]);
-                tb[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * k + j + 8), tb[i]);
-            }
+ET_INLINE void q8w_block(const uint8_t *q, float sb, const float *x, size_t k, size_t b,
+                         const size_t block, const int mr, __m256 *acc) {
+    __m256 ta[ET_MR], tb[ET_MR];
+    for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
+    for (size_t j = b * block; j < (b + 1) * block; j += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(q + j));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+        for (int i = 0; i < mr; i++) {
+            ta[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i * k + j), ta[i]);
+            tb[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i * k + j + 8), tb[i]);
         }
-        __m256 sb = _mm256_broadcast_ss(s + b);
-        for (int i = 0; i < mr; i++)
-            acc[b & 1][i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), sb, acc[b & 1][i]);
     }
+    const __m256 vs = _mm256_set1_ps(sb);
+    for (int i = 0; i < mr; i++) acc[i] = _mm256_fmadd_ps(_mm256_add_ps(ta[i], tb[i]), vs, acc[i]);
+}
+
+/* 8-bit weights (zero point 128) x fp32 activations: 8 codes widened to floats per FMA, the
+ * zero point folded into the block sums of x; blocks in pairs into two register
+ * accumulators. */
+ET_INLINE void q8w_row(const uint8_t *q, const float *s, const float *x, const float *xsum,
+                       float *y, size_t ystride, size_t k, const size_t block, const int mr) {
+    const size_t nb = k / block;
+    __m256 acc0[ET_MR], acc1[ET_MR];
+    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    size_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        _mm_prefetch((const char *)(q + b * block + ET_PREFETCH), _MM_HINT_NTA);
+        if (block > 32) _mm_prefetch((const char *)(q + b * block + 64 + ET_PREFETCH), _MM_HINT_NTA);
+        q8w_block(q, s[b], x, k, b, block, mr, acc0);
+        q8w_block(q, s[b + 1], x, k, b + 1, block, mr, acc1);
+    }
+    if (b < nb) q8w_block(q, s[b], x, k, b, block, mr, acc0);
     for (int i = 0; i < mr; i++) {
         float corr = 0.0f; /* 128 * sum_b s_b * xsum_b */
-        for (size_t b = 0; b < nb; b++) corr += s[b] * xsum[i * nb + b];
-        y[i * ystride] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i])) - 128.0f * corr;
+        for (size_t b2 = 0; b2 < nb; b2++) corr += s[b2] * xsum[i * nb + b2];
+        y[i * ystride] = hsum256(_mm256_add_ps(acc0[i], acc1[i])) - 128.0f * corr;
     }
 }
+
+#define Q8W_ROWS(BLOCK)                                                                       \
+    for (size_t r = r0; r < r1; r++) {                                                        \
+        const uint8_t *q = codes + r * k;                                                     \
+        const float *s = scales + r * nb;                                                     \
+        size_t i = 0;                                                                         \
+        for (; i + 4 <= m; i += 4)                                                            \
+            q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 4);           \
+        for (; i + 2 <= m; i += 2)                                                            \
+            q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 2);           \
+        for (; i < m; i++) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 1); \
+    }
 
 ET_AVX2 static void q8w_gemm_avx2(const float *x, const float *xsum, const uint8_t *codes,
                                   const float *scales, float *y, size_t m, size_t n, size_t k,
                                   size_t block, size_t r0, size_t r1) {
     size_t nb = k / block;
-    for (size_t r = r0; r < r1; r++) {
-        const uint8_t *q = codes + r * k;
-        const float *s = scales + r * nb;
-        size_t i = 0;
-        for (; i + 4 <= m; i += 4) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, block, 4);
-        for (; i + 2 <= m; i += 2) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, block, 2);
-        for (; i < m; i++) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, block, 1);
+    if (block == 32) {
+        Q8W_ROWS(32)
+    } else {
+        Q8W_ROWS(block)
     }
 }
+#undef Q8W_ROWS
 #endif
 
 /* ---- entry points ------------------------------------------------------------------------ */
@@ -470,12 +546,7 @@ int et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales, c
         if (xp) {
             float *xsum = xp + m * k;
             permute_f32(x, xp, xsum, m, k, block);
-            #pragma omp parallel num_threads(nt)
-            {
-                size_t r0, r1;
-                thread_rows(n, &r0, &r1);
-                q4_gemm_f32_avx2(xp, xsum, packed, scales, zps, y, m, n, k, block, r0, r1);
-            }
+            ET_FOR_ROWS(nt, n, q4_gemm_f32_avx2(xp, xsum, packed, scales, zps, y, m, n, k, block, r0, r1));
             free(xp);
             return 0;
         }
@@ -483,12 +554,7 @@ int et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales, c
     }
 #endif
     (void)use_simd;
-    #pragma omp parallel num_threads(nt)
-    {
-        size_t r0, r1;
-        thread_rows(n, &r0, &r1);
-        q4_gemm_f32_rows(x, packed, scales, zps, y, m, n, k, block, r0, r1);
-    }
+    ET_FOR_ROWS(nt, n, q4_gemm_f32_rows(x, packed, scales, zps, y, m, n, k, block, r0, r1));
     return 0;
 }
 
@@ -505,12 +571,7 @@ int et_q4q8_gemm(const float *x, const uint8_t *packed, const float *scales, con
     if (use_simd && k % 64 == 0) {
         q8_prep P = {xq, sx, cb};
         prepare_q8(x, &P, xs, m, k, block);
-        #pragma omp parallel num_threads(nt)
-        {
-            size_t r0, r1;
-            thread_rows(n, &r0, &r1);
-            q4q8_gemm_avx2(&P, packed, scales, zps, y, m, n, k, block, r0, r1);
-        }
+        ET_FOR_ROWS(nt, n, q4q8_gemm_avx2(&P, packed, scales, zps, y, m, n, k, block, r0, r1));
         free(buf);
         return 0;
     }
@@ -518,12 +579,7 @@ int et_q4q8_gemm(const float *x, const uint8_t *packed, const float *scales, con
     (void)use_simd;
     (void)cb;
     et_q8_quantize(x, xq, xs, m, k, block);
-    #pragma omp parallel num_threads(nt)
-    {
-        size_t r0, r1;
-        thread_rows(n, &r0, &r1);
-        q4q8_rows(xq, xs, packed, scales, zps, y, m, n, k, block, r0, r1);
-    }
+    ET_FOR_ROWS(nt, n, q4q8_rows(xq, xs, packed, scales, zps, y, m, n, k, block, r0, r1));
     free(buf);
     return 0;
 }
@@ -537,12 +593,7 @@ int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, 
         if (xp) {
             float *unused = xp + m * k;
             permute_f32(x, xp, unused, m, k, 64);
-            #pragma omp parallel num_threads(nt)
-            {
-                size_t r0, r1;
-                thread_rows(n, &r0, &r1);
-                nf4_gemv_avx2(xp, packed, absmax, code, y, m, n, k, r0, r1);
-            }
+            ET_FOR_ROWS(nt, n, nf4_gemv_avx2(xp, packed, absmax, code, y, m, n, k, r0, r1));
             free(xp);
             return 0;
         }
@@ -550,12 +601,7 @@ int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, 
     }
 #endif
     (void)use_simd;
-    #pragma omp parallel num_threads(nt)
-    {
-        size_t r0, r1;
-        thread_rows(n, &r0, &r1);
-        nf4_gemv_rows(x, packed, absmax, code, y, m, n, k, r0, r1);
-    }
+    ET_FOR_ROWS(nt, n, nf4_gemv_rows(x, packed, absmax, code, y, m, n, k, r0, r1));
     return 0;
 }
 
@@ -571,22 +617,12 @@ int et_q8w_gemm(const float *x, const uint8_t *codes, const float *scales, float
             for (size_t j = 0; j < block; j++) t += x[i * block + j];
             xsum[i] = t;
         }
-        #pragma omp parallel num_threads(nt)
-        {
-            size_t r0, r1;
-            thread_rows(n, &r0, &r1);
-            q8w_gemm_avx2(x, xsum, codes, scales, y, m, n, k, block, r0, r1);
-        }
+        ET_FOR_ROWS(nt, n, q8w_gemm_avx2(x, xsum, codes, scales, y, m, n, k, block, r0, r1));
         free(xsum);
         return 0;
     }
 #endif
     (void)use_simd;
-    #pragma omp parallel num_threads(nt)
-    {
-        size_t r0, r1;
-        thread_rows(n, &r0, &r1);
-        q8w_rows(x, codes, scales, y, m, n, k, block, r0, r1);
-    }
+    ET_FOR_ROWS(nt, n, q8w_rows(x, codes, scales, y, m, n, k, block, r0, r1));
     return 0;
 }
