@@ -49,8 +49,10 @@ static void nf4_dequantize_avx2(const uint8_t *packed, const et_absmax *absmax, 
     const __m128i mask = _mm_set1_epi8(0x0F);
     size_t full = n / 64;
     const int stream = use_stream(out, n);
-    /* blocks are independent: split them over the cores (OpenMP) when the tensor is large */
-    #pragma omp parallel for schedule(static) if (full >= 4096)
+    /* blocks are independent: split them over the cores (OpenMP) when the tensor is large, in
+     * 64 KiB chunks of output taken by whichever thread is free (a core slowed by a busy
+     * neighbour takes fewer; see gemm.c) */
+    #pragma omp parallel for schedule(dynamic, 256) if (full >= 4096)
     for (size_t b = 0; b < full; b++) {
         const __m256 am = _mm256_set1_ps(et_absmax_at(absmax, b));
         const uint8_t *p = packed + b * 32;
@@ -112,8 +114,9 @@ static void q4_dequantize_avx2(const uint8_t *packed, const float *scales, const
     const size_t nb = k / block;
     const __m128i mask = _mm_set1_epi8(0x0F);
     const int stream = use_stream(out, n_rows * k);
-    /* rows are independent: split them over the cores when the weight is large */
-    #pragma omp parallel for schedule(static) if (n_rows * k >= (1u << 18))
+    /* rows are independent: split them over the cores when the weight is large, a chunk of
+     * rows at a time to whichever thread is free */
+    #pragma omp parallel for schedule(dynamic, 8) if (n_rows * k >= (1u << 18))
     for (size_t r = 0; r < n_rows; r++) {
         for (size_t b = 0; b < nb; b++) {
             __m256 s = _mm256_set1_ps(scales[r * nb + b]);
