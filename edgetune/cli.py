@@ -266,7 +266,8 @@ def _bench(args, log):
     else:
         from .bench.train import bench, format_results
 
-        results = bench(layers=4 if args.quick else 16, log=log)
+        results = bench(layers=4 if args.quick else 16, rounds=1 if args.quick else 2,
+                        checkpointing=args.gradient_checkpointing, log=log)
         rows = results
     if args.json:
         return {"benchmark": args.what, "results": rows}
@@ -409,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels: one shape, batch 1, 2 threads; train: 4 layers instead of 16; "
                    "dist: a 4-layer model, ddp / zero2 / zero3 only")
     p.add_argument("--nproc", type=int, default=2, help="dist: processes per strategy")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="train: gradient checkpointing in every setup (activation memory "
+                   "then no longer hides the weights' share of peak RSS)")
     p.set_defaults(func=cmd_bench)
     return ap
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import peak_rss_bytes
+
 BACKENDS = ("ort", "native")
 BENCH_MODEL = "phi3-0.55b-int4-v1"
 # Phi-3-mini's shape scaled to ~0.55B parameters (head_dim 96, MHA, vocab 32064)
@@ -110,19 +112,6 @@ def bench_bundle(log=print) -> tuple[Path, float, bool]:
 
 # -- one backend, measured in its own process ------------------------------------------------
 
-def _peak_rss_bytes() -> int:
-    """Peak resident set of this process (VmHWM; file-backed weight pages count too)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _measure(backend: str, bundle: str, threads: int, prompt_tokens: int, new_tokens: int,
              repeats: int, out: mp.Queue) -> None:
     import sys
@@ -159,7 +148,7 @@ def _measure(backend: str, bundle: str, threads: int, prompt_tokens: int, new_to
     out.put({"name": backend, "load_s": load_s,
              "prefill_tokens_per_s": prompt_tokens / prefill,
              "tokens_per_s": (new_tokens - 1) / decode if new_tokens > 1 else 0.0,
-             "first_token_ms": 1e3 * first, "peak_rss_bytes": _peak_rss_bytes(),
+             "first_token_ms": 1e3 * first, "peak_rss_bytes": peak_rss_bytes(),
              "torch_imported": "torch" in sys.modules})
 
 

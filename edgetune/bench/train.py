@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import resource
 import tempfile
 import time
+
+from . import peak_rss_bytes
 
 SETUPS = ("lora-fp32", "qlora", "qdora", "bnb-qlora")
 
@@ -48,7 +49,7 @@ def _copy_tokenizer(model_dir: str) -> None:
 
 
 def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: int,
-         out: mp.Queue) -> None:
+         checkpointing: bool, out: mp.Queue) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -73,7 +74,11 @@ def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: in
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
+    if checkpointing:  # as PEFT's prepare_model_for_kbit_training sets up QLoRA by default
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     peft = get_peft_model(model, config)
+    peft.train()  # as a trainer does: from_pretrained returns eval mode, where HF skips checkpointing
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(3, vocab, (batch, seq))
     times = []
@@ -86,29 +91,43 @@ def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: in
         times.append(time.perf_counter() - t0)
     n_params = sum(p.numel() for p in model.parameters())
     out.put({"name": setup, "ms": 1e3 * sorted(times[1:])[len(times[1:]) // 2],
-             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             "peak_rss_mb": peak_rss_bytes() / 2**20,
              "params_m": n_params / 1e6})
 
 
 def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int = 1,
-          seq: int = 128, steps: int = 3, log=print) -> list[dict]:
-    """Run every setup in a fresh process; ratios are against bitsandbytes and fp32 LoRA."""
+          seq: int = 128, steps: int = 3, rounds: int = 2, checkpointing: bool = False,
+          log=print) -> list[dict]:
+    """Run every setup in a fresh process, ``rounds`` times in alternation (a slow phase of a
+    shared machine then hits every setup; each keeps its fastest round, and the highest peak
+    RSS of its rounds); ratios are against bitsandbytes and fp32 LoRA. ``checkpointing``:
+    gradient checkpointing in every setup."""
     ctx = mp.get_context("spawn")
-    results = []
+    best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-train-") as model_dir:
         _model(hidden, layers, vocab).save_pretrained(model_dir)  # fp32 safetensors
         _copy_tokenizer(model_dir)  # a model dir is complete with one (not used for speed)
-        for setup in SETUPS:
-            q = ctx.Queue()
-            p = ctx.Process(target=_run, args=(setup, model_dir, vocab, batch, seq, steps, q))
-            p.start()
-            p.join()
-            if p.exitcode != 0 or q.empty():
-                log(f"{setup}: failed (exit code {p.exitcode})")
-                continue
-            r = q.get()
-            log(f"{setup}: {r['ms']:.0f} ms/step, peak RSS {r['peak_rss_mb']:.0f} MB")
-            results.append(r)
+        for _ in range(rounds):
+            for setup in SETUPS:
+                q = ctx.Queue()
+                p = ctx.Process(target=_run, args=(setup, model_dir, vocab, batch, seq, steps,
+                                                   checkpointing, q))
+                p.start()
+                p.join()
+                if p.exitcode != 0 or q.empty():
+                    log(f"{setup}: failed (exit code {p.exitcode})")
+                    continue
+                r = q.get()
+                log(f"{setup}: {r['ms']:.0f} ms/step, peak RSS {r['peak_rss_mb']:.0f} MB")
+                prev = best.get(setup)
+                if prev is not None:
+                    r["peak_rss_mb"] = max(r["peak_rss_mb"], prev["peak_rss_mb"])
+                    if prev["ms"] < r["ms"]:
+                        r["ms"] = prev["ms"]
+                r.update(rounds=best.get(setup, {}).get("rounds", 0) + 1,
+                         gradient_checkpointing=checkpointing)
+                best[setup] = r
+    results = [best[s] for s in SETUPS if s in best]
     by = {r["name"]: r for r in results}
     for r in results:
         for base in ("bnb-qlora", "lora-fp32"):

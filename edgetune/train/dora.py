@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import nn
 
@@ -28,6 +29,20 @@ class NF4DoraLinearVariant(DoraLinearVariant):
     """PEFT's DoRA forward with the weight norm from :meth:`NF4Linear.dora_weight_norm`."""
 
     @staticmethod
+    def init(module, adapter_name: str, **kwargs) -> None:
+        """PEFT's DoRA set-up, with the initial magnitude (= the weight norm) from the same
+        r-sized expansion: PEFT's builds ``W``, ``B @ A`` and their sum at full size for every
+        layer, whose freed pages the allocator keeps (+0.5 GB peak RSS on a 339M model)."""
+        if not module.lora_magnitude_vector:
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        lora_a = module.lora_A[adapter_name].weight
+        norm = module.get_base_layer().dora_weight_norm(
+            lora_a, module.lora_B[adapter_name].weight, module.scaling[adapter_name])
+        layer = DoraLinearLayer(fan_in_fan_out=getattr(module, "fan_in_fan_out", False))
+        layer.weight = nn.Parameter(norm.to(lora_a.dtype), requires_grad=True)
+        module.lora_magnitude_vector[adapter_name] = layer
+
+    @staticmethod
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
                 **kwargs) -> torch.Tensor:
         lora_A = module.lora_A[active_adapter]
@@ -35,14 +50,18 @@ class NF4DoraLinearVariant(DoraLinearVariant):
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
         base: NF4Linear = module.get_base_layer()
-        if isinstance(dropout, nn.Identity) or not module.training:
-            base_result = result if base.bias is None else result - base.bias
-        else:  # DoRA scales the base output of the dropped-out input
-            x = dropout(x)
-            base_result = nf4_matmul(x, base)
-        norm = base.dora_weight_norm(lora_A.weight, lora_B.weight, scaling).to(x.dtype)
         magnitude = module.lora_magnitude_vector[active_adapter].weight
+        norm = base.dora_weight_norm(lora_A.weight, lora_B.weight, scaling).to(x.dtype)
         mag_norm_scale = (magnitude / norm).view(1, -1)
+        if isinstance(dropout, nn.Identity) or not module.training:
+            # no dropout: ``result`` is the base output (+ bias), and PEFT's
+            # result + (m - 1) * base + m * s * lora is m * (base + s * lora) (+ bias): two
+            # elementwise passes over (tokens, out) instead of five, and fewer saved for backward
+            base_result = result if base.bias is None else result - base.bias
+            out = mag_norm_scale * torch.add(base_result, lora_B(lora_A(x)), alpha=scaling)
+            return out if base.bias is None else out + base.bias
+        x = dropout(x)  # DoRA scales the base output of the dropped-out input
+        base_result = nf4_matmul(x, base)
         lora_result = lora_B(lora_A(x))
         return result + (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
 

@@ -150,7 +150,9 @@ class NF4Linear(nn.Linear):
         w = self.transient_weight()
         a, b = lora_a.detach().to(w.dtype), lora_b.detach().to(w.dtype)
         if getattr(self, "_row_norm2", None) is None or self._row_norm2.device != w.device:
-            self._row_norm2 = w.double().square().sum(dim=1).to(w.dtype)  # W is frozen
+            # W is frozen: once, in float64, a few rows at a time (no full-size temporaries)
+            self._row_norm2 = torch.cat([rows.double().square().sum(dim=1).to(w.dtype)
+                                         for rows in w.split(256)])
         cross = (b * (w @ a.T)).sum(dim=1)
         ba2 = ((b @ (a @ a.T)) * b).sum(dim=1)
         return (self._row_norm2 + 2 * scaling * cross + scaling**2 * ba2).clamp_min(0).sqrt()

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from edgetune import kernels
 
-
 # monkeypatch only sets EDGETUNE_KERNELS, the same for every generated example
 ONE_BACKEND = HealthCheck.function_scoped_fixture
 
