@@ -25,6 +25,7 @@ SHAPES = ((3072, 3072), (3072, 8192), (8192, 3072))  # (K, N) of Phi-3-mini's pr
 BATCHES = (1, 8)
 THREADS = (1, 2)
 WORKING_SET = 80 << 20  # bytes of distinct weights to cycle over (> 64 MiB)
+ROUNDS = 2  # alternating rounds over baseline and kernels; each keeps its best
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,18 @@ def _timeit(fn, min_time: float = 0.4, min_runs: int = 3) -> float:
         fn()
         runs.append(time.perf_counter() - t0)
     return float(np.median(runs))
+
+
+def _best_of(runs: dict, rounds: int = ROUNDS) -> dict:
+    """Seconds per call of each named callable: the rounds alternate over all of them (a slow
+    phase of a shared machine then hits the baseline and the kernel alike), and each keeps
+    its fastest round's median (noise only ever slows a run down)."""
+    best: dict = {}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            sec = _timeit(fn)
+            best[name] = min(sec, best.get(name, sec))
+    return best
 
 
 def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> tuple[float, float]:
@@ -145,18 +158,21 @@ def _nf4_results(k: int, n: int, batches, threads: int, bw: float, rng) -> list[
     res = []
     for m in batches:
         x = rng.standard_normal((m, k)).astype(np.float32)
-        base = _timeit(ort_matmulbnb4(weights, m, threads)) / count
-        res.append(BenchResult(f"ort_matmulbnb4 {k}x{n} m{m} t{threads}", base * 1e3,
-                               one.nbytes / base / 1e9, 100 * one.nbytes / base / 1e9 / bw))
+        runs = {"ort": ort_matmulbnb4(weights, m, threads)}
         for backend in ("cython", "numba"):
             def run_all(backend=backend, x=x):
                 with _forced(backend):
                     for t in weights:
                         kernels.nf4_gemv(x, t, threads=threads)
-            sec = _timeit(run_all) / count
-            res.append(BenchResult(f"nf4_gemv[{backend}] {k}x{n} m{m} t{threads}", sec * 1e3,
-                                   one.nbytes / sec / 1e9, 100 * one.nbytes / sec / 1e9 / bw,
-                                   "ort_matmulbnb4", base / sec))
+            runs[backend] = run_all
+        sec = {name: t / count for name, t in _best_of(runs).items()}
+        base = sec.pop("ort")
+        res.append(BenchResult(f"ort_matmulbnb4 {k}x{n} m{m} t{threads}", base * 1e3,
+                               one.nbytes / base / 1e9, 100 * one.nbytes / base / 1e9 / bw))
+        for backend, t in sec.items():
+            res.append(BenchResult(f"nf4_gemv[{backend}] {k}x{n} m{m} t{threads}", t * 1e3,
+                                   one.nbytes / t / 1e9, 100 * one.nbytes / t / 1e9 / bw,
+                                   "ort_matmulbnb4", base / t))
     return res
 
 
@@ -178,25 +194,25 @@ def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
             wbytes = one.nbytes
             for m in batches:
                 x = rng.standard_normal((m, k)).astype(np.float32)
-                base = {}
-                for acc in (4, 0):
-                    run = ort_matmulnbits(weights, m, acc, threads)
-                    sec = _timeit(run) / count
-                    base[acc] = sec
-                    results.append(BenchResult(f"ort_matmulnbits_acc{acc} {k}x{n} m{m} t{threads}",
-                                               sec * 1e3, wbytes / sec / 1e9, 100 * wbytes / sec / 1e9 / bw))
-                for kernel, fn, against in (("q4q8_gemm", kernels.q4q8_gemm, 4),
-                                            ("q4_gemm_f32", kernels.q4_gemm, 0)):
+                runs = {f"ort_matmulnbits_acc{acc} {k}x{n} m{m} t{threads}":
+                        ort_matmulnbits(weights, m, acc, threads) for acc in (4, 0)}
+                against = {}
+                for kernel, fn, acc in (("q4q8_gemm", kernels.q4q8_gemm, 4),
+                                        ("q4_gemm_f32", kernels.q4_gemm, 0)):
                     for backend in ("cython", "numba"):
                         def run_all(fn=fn, backend=backend, weights=weights, x=x, threads=threads):
                             with _forced(backend):
                                 for w in weights:
                                     fn(x, w, threads=threads)
-                        sec = _timeit(run_all) / count
-                        results.append(BenchResult(
-                            f"{kernel}[{backend}] {k}x{n} m{m} t{threads}", sec * 1e3,
-                            wbytes / sec / 1e9, 100 * wbytes / sec / 1e9 / bw,
-                            f"ort_matmulnbits_acc{against}", base[against] / sec))
+                        name = f"{kernel}[{backend}] {k}x{n} m{m} t{threads}"
+                        runs[name] = run_all
+                        against[name] = f"ort_matmulnbits_acc{acc}"
+                sec = {name: t / count for name, t in _best_of(runs).items()}
+                for name, t in sec.items():
+                    base = against.get(name)
+                    results.append(BenchResult(
+                        name, t * 1e3, wbytes / t / 1e9, 100 * wbytes / t / 1e9 / bw, base,
+                        sec[f"{base} {k}x{n} m{m} t{threads}"] / t if base else None))
             results += _nf4_results(k, n, batches, threads, bw, rng)
             if threads == threads_list[-1]:
                 results += _dequant_results(weights, copy_bw, rng)
@@ -211,6 +227,7 @@ def _dequant_results(weights: list[Q4Weight], copy_bw: float, rng) -> list[Bench
     nf4 = [random_nf4(w0.k, w0.n, rng) for _ in weights]
     out = np.empty((w0.n, w0.k), np.float32)  # written in place, as the copy it is compared to
     res = []
+    runs, sizes = {}, {}
     for name, fn, items, nbytes in (
             ("q4_dequantize", lambda w: kernels.q4_dequantize(w, out.T), weights, w0.nbytes),
             ("nf4_dequantize", lambda t: kernels.nf4_dequantize(t, out), nf4, nf4[0].nbytes)):
@@ -219,10 +236,13 @@ def _dequant_results(weights: list[Q4Weight], copy_bw: float, rng) -> list[Bench
                 with _forced(backend):
                     for it in items:
                         fn(it)
-            sec = _timeit(run_all) / len(items)
-            moved = (nbytes + 4 * numel) / sec / 1e9
-            res.append(BenchResult(f"{name}[{backend}] {w0.k}x{w0.n}", sec * 1e3, moved,
-                                   100 * moved / copy_bw, "copy_bandwidth", moved / copy_bw))
+            label = f"{name}[{backend}] {w0.k}x{w0.n}"
+            runs[label], sizes[label] = run_all, (nbytes, len(items))
+    for label, sec in _best_of(runs).items():
+        nbytes, count = sizes[label]
+        moved = (nbytes + 4 * numel) / (sec / count) / 1e9
+        res.append(BenchResult(label, sec / count * 1e3, moved, 100 * moved / copy_bw,
+                               "copy_bandwidth", moved / copy_bw))
     return res
 
 
