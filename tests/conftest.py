@@ -75,6 +75,12 @@ def tiny_family_config(family: str):
 
 
 @pytest.fixture(scope="session")
+def family_config():
+    """``tiny_family_config``, for tests that change a config before building the model."""
+    return tiny_family_config
+
+
+@pytest.fixture(scope="session")
 def family_model(tmp_path_factory, tiny_model):
     """family -> a saved tiny random-weight model dir of that family (with the shipped
     tokenizer), built once per session."""

@@ -60,3 +60,44 @@ def test_int4_weights_at_most_02x_fp32_for_weight_dominated_model(tmp_path, tiny
     out = export(src, tmp_path / "b", ExportConfig(quant="int4", report_tokens=4), log=lambda s: None)
     report = json.loads((out / "report.json").read_text())
     assert report["file_bytes"]["model.onnx.data"] <= 0.2 * report["fp32_onnx_weight_bytes"]
+
+
+@pytest.mark.parametrize("family", ["phi3", "mistral"])
+def test_native_long_context_and_sliding_window_match_pytorch(family, tmp_path, tiny_model,
+                                                             family_config):
+    """Past Phi-3's original context the native backend switches to longrope's long factors,
+    and Mistral's sliding window limits what each position sees, in the batched prompt pass
+    and in one-token decoding alike: logits as PyTorch's on an fp32 bundle."""
+    import shutil
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.runtime.native import NativeDecoder
+
+    cfg = family_config(family)
+    if family == "phi3":
+        cfg.original_max_position_embeddings = 16  # a 24-token prompt is past it
+    else:
+        cfg.sliding_window = 8
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
+        shutil.copy(tiny_model / name, src / name)
+    out = export(src, tmp_path / "b", ExportConfig(quant="none", report_tokens=4),
+                 log=lambda s: None)
+    from edgetune.bundle import read_manifest
+
+    dec = NativeDecoder(out, read_manifest(out))
+    ids = np.random.default_rng(0).integers(6, 2000, 24)
+    with torch.no_grad():
+        want = model(torch.tensor(ids[None])).logits[0].numpy()
+    full, _ = dec.forward(ids[None])  # one batched pass
+    _, cache = dec.forward(ids[None, :20])
+    steps = [dec.forward(ids[None, t:t + 1], cache)[0][0, -1] for t in range(20, 24)]
+    scale = np.abs(want).max()
+    assert np.abs(full[0] - want).max() <= 1e-4 * scale
+    assert np.abs(np.stack(steps) - want[20:]).max() <= 1e-4 * scale
