@@ -1,10 +1,7 @@
 /* NF4 and Q4 dequantization, portable and AVX2+FMA (see edgetune_kernels.h). */
 #include "edgetune_kernels.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define ET_X86 1
-#include <immintrin.h>
-#endif
+#include "et_simd.h"
 
 /* Outputs larger than the last-level cache bypass it (non-temporal stores): writing them
  * through the cache would first read every line from DRAM for nothing. */
@@ -33,15 +30,6 @@ static void nf4_dequantize_generic(const uint8_t *packed, const et_absmax *absma
 }
 
 #ifdef ET_X86
-/* 8 code indices (epi32, 0..15) -> 8 floats via two in-register 8-entry tables. */
-__attribute__((target("avx2,fma")))
-static inline __m256 lut16(__m256i idx, __m256 lo, __m256 hi) {
-    __m256 a = _mm256_permutevar8x32_ps(lo, idx);
-    __m256 b = _mm256_permutevar8x32_ps(hi, idx);
-    __m256i high = _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7));
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(high));
-}
-
 __attribute__((target("avx2,fma")))
 static void nf4_dequantize_avx2(const uint8_t *packed, const et_absmax *absmax, const float *code,
                                 float *out, size_t n) {

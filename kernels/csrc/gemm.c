@@ -12,10 +12,7 @@
 #include <stdlib.h>
 
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define ET_X86 1
-#include <immintrin.h>
-#endif
+#include "et_simd.h"
 
 #define ET_MR 4 /* activation rows sharing one decode of a weight row */
 #ifndef ET_PREFETCH
@@ -149,16 +146,6 @@ static void q8w_rows(const float *x, const uint8_t *codes, const float *scales, 
 
 #ifdef ET_X86
 /* ---- AVX2 + FMA ------------------------------------------------------------------------ */
-
-#define ET_AVX2 __attribute__((target("avx2,fma")))
-#define ET_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
-
-ET_INLINE float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
 
 /* fp32 activations, permuted per 16-element group (8 packed bytes): its 8 even-position
  * values, then its 8 odd-position values. xsum: the sum of each block of x. */
@@ -409,15 +396,6 @@ ET_AVX2 static void q4q8_gemm_avx2(const q8_prep *P, const uint8_t *packed, cons
 }
 #undef Q4Q8_ROWS
 
-/* 8 code indices (epi32, 0..15) -> 8 floats via two in-register 8-entry tables. */
-ET_INLINE __m256 lut16(__m256i idx, __m256 lo, __m256 hi) {
-    __m256 a = _mm256_permutevar8x32_ps(lo, idx);
-    __m256 b = _mm256_permutevar8x32_ps(hi, idx);
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
-/* NF4 weight (n, k), k % 64 == 0: a 64-element NF4 block is 4 groups of 8 bytes, and its
- * absmax scales the block's sum. Activations permuted as for the Q4 fp32 kernel. */
 ET_INLINE void nf4_block(const uint8_t *p, const et_absmax *absmax, size_t b0, const float *xp,
                          size_t k, size_t b, __m256 tlo, __m256 thi, const int mr, __m256 *acc) {
     const __m256i m4 = _mm256_set1_epi32(15);

@@ -9,10 +9,7 @@
 
 #include <math.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define ET_X86 1
-#include <immintrin.h>
-#endif
+#include "et_simd.h"
 
 /* ---- portable --------------------------------------------------------------------------- */
 
@@ -40,16 +37,6 @@ static void swiglu_generic(const float *g, const float *u, float *out, size_t n)
 
 #ifdef ET_X86
 /* ---- AVX2 + FMA ------------------------------------------------------------------------- */
-#define ET_AVX2 __attribute__((target("avx2,fma")))
-#define ET_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
-
-ET_INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
 /* e^x for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial, times
  * 2^n); within 2 ulp of expf. Inputs are clamped to [-87.3, 88.7]: below, the result is 0
  * (softmax weights and SiLU gates that small are 0 in fp32 anyway). */
@@ -83,7 +70,7 @@ ET_AVX2 static float dot_avx2(const float *a, const float *b, size_t n) {
         s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
     }
     for (; j + 8 <= n; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
-    float t = hsum(_mm256_add_ps(s0, s1));
+    float t = hsum256(_mm256_add_ps(s0, s1));
     for (; j < n; j++) t += a[j] * b[j];
     return t;
 }
@@ -129,10 +116,10 @@ ET_AVX2 static void scores_avx2(const float *q, const float *keys, float *scores
             a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * d + j), a2);
             a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * d + j), a3);
         }
-        scores[s] = hsum(a0) * scale;
-        scores[s + 1] = hsum(a1) * scale;
-        scores[s + 2] = hsum(a2) * scale;
-        scores[s + 3] = hsum(a3) * scale;
+        scores[s] = hsum256(a0) * scale;
+        scores[s + 1] = hsum256(a1) * scale;
+        scores[s + 2] = hsum256(a2) * scale;
+        scores[s + 3] = hsum256(a3) * scale;
     }
     for (; s < count; s++) scores[s] = dot_avx2(q, keys + s * d, d) * scale;
 }
@@ -161,42 +148,29 @@ ET_AVX2 static void values_avx2(const float *p, const float *vals, float *o, siz
 }
 #endif
 
-typedef float (*dot_fn)(const float *, const float *, size_t);
-typedef void (*exp_fn)(float *, size_t);
-typedef void (*axpy_fn)(float, const float *, float *, size_t);
+/* The vector primitives of one path: AVX2 when the CPU has it (and the caller allows it). */
+typedef struct {
+    float (*dot)(const float *, const float *, size_t);
+    void (*exp)(float *, size_t);
+    void (*axpy)(float, const float *, float *, size_t);
+} vec_ops;
 
-static dot_fn pick_dot(int simd) {
+static vec_ops pick(int simd) {
 #ifdef ET_X86
-    if (simd) return dot_avx2;
+    if (simd) return (vec_ops){dot_avx2, exp_avx2, axpy_avx2};
 #endif
     (void)simd;
-    return dot_generic;
-}
-
-static exp_fn pick_exp(int simd) {
-#ifdef ET_X86
-    if (simd) return exp_avx2;
-#endif
-    (void)simd;
-    return exp_generic;
-}
-
-static axpy_fn pick_axpy(int simd) {
-#ifdef ET_X86
-    if (simd) return axpy_avx2;
-#endif
-    (void)simd;
-    return axpy_generic;
+    return (vec_ops){dot_generic, exp_generic, axpy_generic};
 }
 
 /* ---- entry points ----------------------------------------------------------------------- */
 
 void et_rms_norm(const float *x, const float *w, float *out, size_t t, size_t h, float eps,
                  int use_simd) {
-    dot_fn dot = pick_dot(use_simd);
+    const vec_ops ops = pick(use_simd);
     for (size_t i = 0; i < t; i++) {
         const float *xr = x + i * h;
-        float inv = 1.0f / sqrtf(dot(xr, xr, h) / (float)h + eps);
+        float inv = 1.0f / sqrtf(ops.dot(xr, xr, h) / (float)h + eps);
         for (size_t j = 0; j < h; j++) out[i * h + j] = xr[j] * inv * w[j];
     }
 }
@@ -231,9 +205,7 @@ void et_attention_decode(const float *q, const float *k, const float *v, float *
                          const float *cos, const float *sin, float *out, float *scratch,
                          size_t n_heads, size_t n_kv, size_t d, size_t rot, size_t ctx,
                          size_t pos, size_t first, float scale, int threads, int use_simd) {
-    dot_fn dot = pick_dot(use_simd);
-    exp_fn exps = pick_exp(use_simd);
-    axpy_fn axpy = pick_axpy(use_simd);
+    const vec_ops ops = pick(use_simd);
     for (size_t g = 0; g < n_kv; g++) {
         rope_head(k + g * d, kc + (g * ctx + pos) * d, cos, sin, d, rot);
         for (size_t j = 0; j < d; j++) vc[(g * ctx + pos) * d + j] = v[g * d + j];
@@ -260,10 +232,10 @@ void et_attention_decode(const float *q, const float *k, const float *v, float *
             scores_avx2(qr, keys, scores, count, d, scale);
         else
 #endif
-            for (size_t s = 0; s < count; s++) scores[s] = dot(qr, keys + s * d, d) * scale;
+            for (size_t s = 0; s < count; s++) scores[s] = ops.dot(qr, keys + s * d, d) * scale;
         for (size_t s = 0; s < count; s++) mx = scores[s] > mx ? scores[s] : mx;
         for (size_t s = 0; s < count; s++) scores[s] -= mx;
-        exps(scores, count);
+        ops.exp(scores, count);
         float total = 0.0f;
         for (size_t s = 0; s < count; s++) total += scores[s];
         float *o = out + h * d, inv = 1.0f / total;
@@ -275,6 +247,6 @@ void et_attention_decode(const float *q, const float *k, const float *v, float *
         }
 #endif
         for (size_t j = 0; j < d; j++) o[j] = 0.0f;
-        for (size_t s = 0; s < count; s++) axpy(scores[s], vals + s * d, o, d);
+        for (size_t s = 0; s < count; s++) ops.axpy(scores[s], vals + s * d, o, d);
     }
 }
