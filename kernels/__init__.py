@@ -223,17 +223,23 @@ def nf4_gemv(x: np.ndarray, t: NF4Tensor, threads: int | None = None) -> np.ndar
     return out
 
 
+def _check_q8w(codes: np.ndarray, scales: np.ndarray) -> tuple[int, int, int]:
+    """(N, K/block, block) of an 8-bit MatMulNBits weight, after checking its arrays."""
+    _check(codes, "codes", np.uint8, 3)
+    _check(scales, "scales", np.float32, 2)
+    if scales.shape != codes.shape[:2]:
+        raise ValueError(f"codes {codes.shape} and scales {scales.shape} do not match")
+    return codes.shape
+
+
 def q8w_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray,
              threads: int | None = None) -> np.ndarray:
     """y = x @ dequant(B) for an 8-bit MatMulNBits weight: codes (N, K/block, block), zero
     point 128, scales (N, K/block). Used for the LM head the exporter keeps at 8 bits."""
     _check(x, "x", np.float32, 2)
-    _check(codes, "codes", np.uint8, 3)
-    _check(scales, "scales", np.float32, 2)
-    n, nb, block = codes.shape
-    if x.shape[1] != nb * block or scales.shape != (n, nb):
-        raise ValueError(f"x (K={x.shape[1]}), codes {codes.shape} and scales {scales.shape} "
-                         "do not match")
+    n, nb, block = _check_q8w(codes, scales)
+    if x.shape[1] != nb * block:
+        raise ValueError(f"x has K={x.shape[1]}, codes {codes.shape} have K={nb * block}")
     name = backend("q8w_gemm")
     if name == "reference":
         return reference.q8w_gemm(x, codes, scales)
@@ -250,16 +256,14 @@ def _prepared(kernel: str, k: int, fast, slow):
     """x -> y for one weight whose checks already passed: per call only x is checked (a few
     attribute reads: a decoder calls this ~70 times a token, and the full dispatch costs
     more than a small GEMV). The backend is the one ``kernel`` resolves to now."""
-    mod = _load("cython") if backend(kernel) == "cython" else None
+    mod = _fast_op(kernel)
 
     def run(x: np.ndarray) -> np.ndarray:
         if (type(x) is not np.ndarray or x.dtype != np.float32 or x.ndim != 2
                 or x.shape[1] != k or not x.flags.c_contiguous):
             _check(x, "x", np.float32, 2)
             raise ValueError(f"x has K={x.shape[1]}, weight has K={k}")
-        if mod is None:
-            return slow(x)
-        return fast(mod, x)
+        return slow(x) if mod is None else fast(mod, x)
     return run
 
 
@@ -277,16 +281,14 @@ def prepare_q4q8_gemm(w: Q4Weight, threads: int | None = None):
 
 def prepare_q8w_gemm(codes: np.ndarray, scales: np.ndarray, threads: int | None = None):
     """``q8w_gemm`` bound to one 8-bit weight: a callable x (M, K) -> (M, N)."""
-    q8w_gemm(np.zeros((1, codes.shape[1] * codes.shape[2]) if codes.ndim == 3 else (1, 1),
-                      np.float32), codes, scales, threads=1)  # the full checks, once
+    n, nb, block = _check_q8w(codes, scales)
     nt = _threads(threads)
 
     def fast(mod, x):
-        out = np.empty((x.shape[0], codes.shape[0]), np.float32)
+        out = np.empty((x.shape[0], n), np.float32)
         mod.q8w_gemm(x, codes, scales, out, nt)
         return out
-    return _prepared("q8w_gemm", codes.shape[1] * codes.shape[2], fast,
-                     lambda x: q8w_gemm(x, codes, scales, threads))
+    return _prepared("q8w_gemm", nb * block, fast, lambda x: q8w_gemm(x, codes, scales, threads))
 
 
 def _numba_threads(threads: int | None) -> None:

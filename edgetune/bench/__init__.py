@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 
 def peak_rss_bytes() -> int:
@@ -18,3 +19,12 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def best_round(rounds: list[dict], speed: Callable[[dict], float], peak_key: str) -> dict:
+    """One setup's result over alternating rounds: the fastest round (noise on a shared
+    machine only ever slows a run down), with the highest ``peak_key`` of all rounds."""
+    best = dict(max(rounds, key=speed))
+    best[peak_key] = max(r[peak_key] for r in rounds)
+    best["rounds"] = len(rounds)
+    return best

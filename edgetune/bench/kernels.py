@@ -222,14 +222,13 @@ def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
         bw, copy_bw = max(bw, bw_end), max(copy_bw, copy_end)
         log(f"threads={threads}: read bandwidth {bw:.1f} GB/s, copy {copy_bw:.1f} GB/s "
             "(the higher of a measurement before and after the kernels)")
+        results[first] = replace(results[first], gbps=bw)
         for i in range(first, len(results)):
             r = results[i]
             if r.baseline == "copy_bandwidth":
                 results[i] = replace(r, pct_bw=100 * r.gbps / copy_bw, ratio=r.gbps / copy_bw)
             else:
-                results[i] = replace(r, gbps=bw if r.name.startswith("read_bandwidth") else r.gbps,
-                                     pct_bw=100 * (bw if r.name.startswith("read_bandwidth")
-                                                   else r.gbps) / bw)
+                results[i] = replace(r, pct_bw=100 * r.gbps / bw)
     return results
 
 

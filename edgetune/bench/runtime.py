@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import peak_rss_bytes
+from . import best_round, peak_rss_bytes
 
 BACKENDS = ("ort", "native")
 BENCH_MODEL = "phi3-0.55b-int4-v1"
@@ -212,21 +212,14 @@ def bench(bundle: str | os.PathLike | None = None, quick: bool = False, threads:
     # rounds alternate the backends (ort, native, ort, native): a slow phase of this shared
     # machine then hits both, and each backend keeps its best round (noise only slows)
     rounds = 1 if quick else 2
-    best: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {b: [] for b in BACKENDS}
     for _ in range(rounds):
         for backend in BACKENDS:
-            r = _run_backend(backend, bundle, threads, prompt_tokens, new_tokens, 1 if quick else 3)
-            prev = best.get(backend)
-            if prev is None or r["tokens_per_s"] > prev["tokens_per_s"]:
-                if prev is not None:
-                    r["peak_rss_bytes"] = max(r["peak_rss_bytes"], prev["peak_rss_bytes"])
-                best[backend] = r
-            else:
-                prev["peak_rss_bytes"] = max(r["peak_rss_bytes"], prev["peak_rss_bytes"])
+            runs[backend].append(_run_backend(backend, bundle, threads, prompt_tokens,
+                                              new_tokens, 1 if quick else 3))
     results = []
     for backend in BACKENDS:
-        r = best[backend]
-        r["rounds"] = rounds
+        r = best_round(runs[backend], lambda r: r["tokens_per_s"], "peak_rss_bytes")
         r["peak_rss_mb"] = r["peak_rss_bytes"] / 2**20
         r["rss_per_weight_byte"] = r["peak_rss_bytes"] / total
         r["decode_weight_gb_s"] = per_token * r["tokens_per_s"] / 1e9
@@ -236,7 +229,8 @@ def bench(bundle: str | os.PathLike | None = None, quick: bool = False, threads:
             f"peak RSS {r['peak_rss_mb']:.0f} MB (best of {rounds})")
         results.append(r)
     ort, native = results
-    native.update(baseline="ort", baseline_tokens_per_s=ort["tokens_per_s"], ratio=native["tokens_per_s"] / ort["tokens_per_s"],
+    native.update(baseline="ort", baseline_tokens_per_s=ort["tokens_per_s"],
+                  ratio=native["tokens_per_s"] / ort["tokens_per_s"],
                   prefill_ratio=native["prefill_tokens_per_s"] / ort["prefill_tokens_per_s"],
                   first_token_ratio=ort["first_token_ms"] / native["first_token_ms"],
                   rss_ratio=native["peak_rss_bytes"] / ort["peak_rss_bytes"])

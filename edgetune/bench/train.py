@@ -20,7 +20,7 @@ import multiprocessing as mp
 import tempfile
 import time
 
-from . import peak_rss_bytes
+from . import best_round, peak_rss_bytes
 
 SETUPS = ("lora-fp32", "qlora", "qdora", "bnb-qlora")
 
@@ -103,7 +103,7 @@ def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int =
     RSS of its rounds); ratios are against bitsandbytes and fp32 LoRA. ``checkpointing``:
     gradient checkpointing in every setup."""
     ctx = mp.get_context("spawn")
-    best: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {s: [] for s in SETUPS}
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-train-") as model_dir:
         _model(hidden, layers, vocab).save_pretrained(model_dir)  # fp32 safetensors
         _copy_tokenizer(model_dir)  # a model dir is complete with one (not used for speed)
@@ -119,15 +119,9 @@ def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int =
                     continue
                 r = q.get()
                 log(f"{setup}: {r['ms']:.0f} ms/step, peak RSS {r['peak_rss_mb']:.0f} MB")
-                prev = best.get(setup)
-                if prev is not None:
-                    r["peak_rss_mb"] = max(r["peak_rss_mb"], prev["peak_rss_mb"])
-                    if prev["ms"] < r["ms"]:
-                        r["ms"] = prev["ms"]
-                r.update(rounds=best.get(setup, {}).get("rounds", 0) + 1,
-                         gradient_checkpointing=checkpointing)
-                best[setup] = r
-    results = [best[s] for s in SETUPS if s in best]
+                runs[setup].append(r)
+    results = [{**best_round(runs[s], lambda r: -r["ms"], "peak_rss_mb"),
+                "gradient_checkpointing": checkpointing} for s in SETUPS if runs[s]]
     by = {r["name"]: r for r in results}
     for r in results:
         for base in ("bnb-qlora", "lora-fp32"):

@@ -224,11 +224,10 @@ class NativeDecoder:
         x = np.ascontiguousarray(self.embed[ids], dtype=np.float32)  # (T, H)
         rope = self.rope.tables(np.arange(start, start + ids.size), start + ids.size)
         for i, (n_in, n_post) in enumerate(self.norms):
-            x = x + self._attention(i, np.ascontiguousarray(rms_norm(x, n_in, self.eps)), cache,
-                                    start, rope)
-            x = x + self._mlp(i, np.ascontiguousarray(rms_norm(x, n_post, self.eps)))
+            x = x + self._attention(i, rms_norm(x, n_in, self.eps), cache, start, rope)
+            x = x + self._mlp(i, rms_norm(x, n_post, self.eps))
         cache.length = start + ids.size
         if last_only:
             x = x[-1:]
-        logits = self.linear(np.ascontiguousarray(rms_norm(x, self.final_norm, self.eps)), "lm_head")
+        logits = self.linear(rms_norm(x, self.final_norm, self.eps), "lm_head")
         return logits[None], cache

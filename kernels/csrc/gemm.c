@@ -147,6 +147,34 @@ static void q8w_rows(const float *x, const uint8_t *codes, const float *scales, 
 #ifdef ET_X86
 /* ---- AVX2 + FMA ------------------------------------------------------------------------ */
 
+/* For activation rows i = 0 .. m-1 in groups of 4 (ET_MR), then 2, then 1, runs ROW(MR) with
+ * `i` the group's first row. MR is a compile-time constant at each expansion, so the row
+ * kernels' loops over their activation rows unroll. */
+#define ET_MR_GROUPS(m, ROW)                                                                  \
+    for (size_t i = 0; i < (m);) {                                                            \
+        if (i + 4 <= (m)) {                                                                   \
+            ROW(4);                                                                           \
+            i += 4;                                                                           \
+        } else if (i + 2 <= (m)) {                                                            \
+            ROW(2);                                                                           \
+            i += 2;                                                                           \
+        } else {                                                                              \
+            ROW(1);                                                                           \
+            i += 1;                                                                           \
+        }                                                                                     \
+    }
+
+/* CALL(BLOCK) with the common block sizes as compile-time constants (the row kernels are
+ * always inlined, so each size gets its own fully unrolled block loop). */
+#define ET_BY_BLOCK(block, CALL)                                                              \
+    switch (block) {                                                                          \
+    case 16: CALL(16); break;                                                                 \
+    case 32: CALL(32); break;                                                                 \
+    case 64: CALL(64); break;                                                                 \
+    case 128: CALL(128); break;                                                               \
+    default: CALL(block);                                                                     \
+    }
+
 /* fp32 activations, permuted per 16-element group (8 packed bytes): its 8 even-position
  * values, then its 8 odd-position values. xsum: the sum of each block of x. */
 static void permute_f32(const float *x, float *xp, float *xsum, size_t m, size_t k, size_t block) {
@@ -232,35 +260,27 @@ ET_INLINE void q4_f32_row(const uint8_t *p, const float *s, const uint8_t *zps, 
                          - zero_point_term(s, zps, xsum + i * nb, nb);
 }
 
-#define Q4F32_ROWS(BLOCK)                                                                     \
-    for (size_t r = r0; r < r1; r++) {                                                        \
-        const uint8_t *p = packed + r * (k / 2);                                              \
-        const float *s = scales + r * nb;                                                     \
-        const uint8_t *z = zps ? zps + r * nb : NULL;                                         \
-        size_t i = 0;                                                                         \
-        for (; i + 4 <= m; i += 4)                                                            \
-            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 4);    \
-        for (; i + 2 <= m; i += 2)                                                            \
-            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 2);    \
-        for (; i < m; i++)                                                                    \
-            q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 1);    \
+ET_INLINE void q4_f32_rows_avx2(const float *xp, const float *xsum, const uint8_t *packed,
+                           const float *scales, const uint8_t *zps, float *y, size_t m,
+                           size_t n, size_t k, const size_t block, size_t r0, size_t r1) {
+    const size_t nb = k / block;
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *p = packed + r * (k / 2);
+        const float *s = scales + r * nb;
+        const uint8_t *z = zps ? zps + r * nb : NULL;
+#define ROW(MR) q4_f32_row(p, s, z, xp + i * k, xsum + i * nb, y + i * n + r, n, k, block, MR)
+        ET_MR_GROUPS(m, ROW)
+#undef ROW
     }
+}
 
 ET_AVX2 static void q4_gemm_f32_avx2(const float *xp, const float *xsum, const uint8_t *packed,
                                      const float *scales, const uint8_t *zps, float *y, size_t m,
                                      size_t n, size_t k, size_t block, size_t r0, size_t r1) {
-    size_t nb = k / block;
-    if (block == 32) {
-        Q4F32_ROWS(32)
-    } else if (block == 64) {
-        Q4F32_ROWS(64)
-    } else if (block == 128) {
-        Q4F32_ROWS(128)
-    } else {
-        Q4F32_ROWS(block)
-    }
+#define CALL(B) q4_f32_rows_avx2(xp, xsum, packed, scales, zps, y, m, n, k, B, r0, r1)
+    ET_BY_BLOCK(block, CALL)
+#undef CALL
 }
-#undef Q4F32_ROWS
 
 /* int8 activations, prepared per 64-element chunk (32 packed bytes): 32 even-position codes,
  * then 32 odd-position codes; the activation scale of each of the chunk's 8 int32 lanes (8
@@ -371,30 +391,27 @@ ET_INLINE void q4q8_row(const uint8_t *p, const float *s, const uint8_t *zps, co
                          - zero_point_term(s, zps, P->cb + (i0 + i) * nb, nb);
 }
 
-#define Q4Q8_ROWS(BLOCK)                                                                      \
-    for (size_t r = r0; r < r1; r++) {                                                        \
-        const uint8_t *p = packed + r * (k / 2);                                              \
-        const float *s = scales + r * nb;                                                     \
-        const uint8_t *z = zps ? zps + r * nb : NULL;                                         \
-        size_t i = 0;                                                                         \
-        for (; i + 4 <= m; i += 4) q4q8_row(p, s, z, P, i, y + i * n + r, n, k, BLOCK, 4);   \
-        for (; i + 2 <= m; i += 2) q4q8_row(p, s, z, P, i, y + i * n + r, n, k, BLOCK, 2);   \
-        for (; i < m; i++) q4q8_row(p, s, z, P, i, y + i * n + r, n, k, BLOCK, 1);           \
+ET_INLINE void q4q8_rows_avx2(const q8_prep *P, const uint8_t *packed, const float *scales,
+                         const uint8_t *zps, float *y, size_t m, size_t n, size_t k,
+                         const size_t block, size_t r0, size_t r1) {
+    const size_t nb = k / block;
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *p = packed + r * (k / 2);
+        const float *s = scales + r * nb;
+        const uint8_t *z = zps ? zps + r * nb : NULL;
+#define ROW(MR) q4q8_row(p, s, z, P, i, y + i * n + r, n, k, block, MR)
+        ET_MR_GROUPS(m, ROW)
+#undef ROW
     }
+}
 
 ET_AVX2 static void q4q8_gemm_avx2(const q8_prep *P, const uint8_t *packed, const float *scales,
                                    const uint8_t *zps, float *y, size_t m, size_t n, size_t k,
                                    size_t block, size_t r0, size_t r1) {
-    size_t nb = k / block;
-    if (block == 16) {
-        Q4Q8_ROWS(16)
-    } else if (block == 32) {
-        Q4Q8_ROWS(32)
-    } else {
-        Q4Q8_ROWS(block)
-    }
+#define CALL(B) q4q8_rows_avx2(P, packed, scales, zps, y, m, n, k, B, r0, r1)
+    ET_BY_BLOCK(block, CALL)
+#undef CALL
 }
-#undef Q4Q8_ROWS
 
 ET_INLINE void nf4_block(const uint8_t *p, const et_absmax *absmax, size_t b0, const float *xp,
                          size_t k, size_t b, __m256 tlo, __m256 thi, const int mr, __m256 *acc) {
@@ -439,10 +456,10 @@ ET_AVX2 static void nf4_gemv_avx2(const float *xp, const uint8_t *packed, const 
     const __m256 tlo = _mm256_loadu_ps(code), thi = _mm256_loadu_ps(code + 8);
     for (size_t r = r0; r < r1; r++) {
         const uint8_t *p = packed + r * (k / 2);
-        size_t b0 = r * (k / 64), i = 0;
-        for (; i + 4 <= m; i += 4) nf4_row(p, absmax, b0, xp + i * k, y + i * n + r, n, k, tlo, thi, 4);
-        for (; i + 2 <= m; i += 2) nf4_row(p, absmax, b0, xp + i * k, y + i * n + r, n, k, tlo, thi, 2);
-        for (; i < m; i++) nf4_row(p, absmax, b0, xp + i * k, y + i * n + r, n, k, tlo, thi, 1);
+        const size_t b0 = r * (k / 64);
+#define ROW(MR) nf4_row(p, absmax, b0, xp + i * k, y + i * n + r, n, k, tlo, thi, MR)
+        ET_MR_GROUPS(m, ROW)
+#undef ROW
     }
 }
 
@@ -488,29 +505,26 @@ ET_INLINE void q8w_row(const uint8_t *q, const float *s, const float *x, const f
     }
 }
 
-#define Q8W_ROWS(BLOCK)                                                                       \
-    for (size_t r = r0; r < r1; r++) {                                                        \
-        const uint8_t *q = codes + r * k;                                                     \
-        const float *s = scales + r * nb;                                                     \
-        size_t i = 0;                                                                         \
-        for (; i + 4 <= m; i += 4)                                                            \
-            q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 4);           \
-        for (; i + 2 <= m; i += 2)                                                            \
-            q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 2);           \
-        for (; i < m; i++) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, BLOCK, 1); \
+ET_INLINE void q8w_rows_avx2(const float *x, const float *xsum, const uint8_t *codes,
+                        const float *scales, float *y, size_t m, size_t n, size_t k,
+                        const size_t block, size_t r0, size_t r1) {
+    const size_t nb = k / block;
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *q = codes + r * k;
+        const float *s = scales + r * nb;
+#define ROW(MR) q8w_row(q, s, x + i * k, xsum + i * nb, y + i * n + r, n, k, block, MR)
+        ET_MR_GROUPS(m, ROW)
+#undef ROW
     }
+}
 
 ET_AVX2 static void q8w_gemm_avx2(const float *x, const float *xsum, const uint8_t *codes,
                                   const float *scales, float *y, size_t m, size_t n, size_t k,
                                   size_t block, size_t r0, size_t r1) {
-    size_t nb = k / block;
-    if (block == 32) {
-        Q8W_ROWS(32)
-    } else {
-        Q8W_ROWS(block)
-    }
+#define CALL(B) q8w_rows_avx2(x, xsum, codes, scales, y, m, n, k, B, r0, r1)
+    ET_BY_BLOCK(block, CALL)
+#undef CALL
 }
-#undef Q8W_ROWS
 #endif
 
 /* ---- entry points ------------------------------------------------------------------------ */
