@@ -225,8 +225,6 @@ def cmd_bench(args) -> int:
         return _bench(args, print)
     # --json prints one object on stdout: whatever libraries print there while the benchmark
     # runs (DeepSpeed's accelerator notice, in child processes too) goes to stderr instead
-    import os
-
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)

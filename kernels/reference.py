@@ -254,36 +254,59 @@ class Q4Weight:
         return self.packed.nbytes + self.scales.nbytes + zp
 
 
+def rtn_params(w: np.ndarray, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest scales and zero points of a (K, N) weight, both (N, K/block) fp32:
+    ``q4_quantize``'s choice (symmetric: zero point 8 and the signed scale that maps
+    the largest-magnitude value to code 0), without packing anything (GPTQ asks per block)."""
+    k, n = w.shape
+    blocks = np.ascontiguousarray(np.asarray(w, np.float32).T).reshape(n, k // block, block)
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=2)[..., None]
+        scales = (np.take_along_axis(blocks, idx, axis=2)[..., 0] / -8.0).astype(np.float32)
+        return scales, np.full(scales.shape, 8.0, np.float32)
+    vmin = np.minimum(blocks.min(axis=2), 0.0)
+    scales = ((np.maximum(blocks.max(axis=2), 0.0) - vmin) / 15.0).astype(np.float32)
+    zeros = np.clip(np.round(-vmin / np.where(scales == 0, 1.0, scales)), 0, 15)
+    return scales, zeros.astype(np.float32)
+
+
+def codes_for(blocks: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """4-bit codes of ``blocks`` (N, nb, block) for per-block scales/zeros (N, nb), rounded
+    as ``q4_quantize`` rounds (times the reciprocal scale; a zero scale gives zp)."""
+    inv = np.where(scales == 0, 0.0, 1.0 / np.where(scales == 0, 1.0, scales)).astype(scales.dtype)
+    return np.clip(np.round(blocks * inv[..., None]) + zeros[..., None], 0, 15).astype(np.uint8)
+
+
+def q4_weight(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
+              block: int) -> Q4Weight:
+    """Pack codes (N, K) (or (N, nb, block)) with scales/zeros (N, K/block) into a Q4Weight;
+    ``zeros`` None means symmetric (every zero point 8)."""
+    n = codes.shape[0]
+    q = codes.reshape(n, -1, block).astype(np.uint8)
+    nb = q.shape[1]
+    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4), dtype=np.uint8)
+    zp = None
+    if zeros is not None:
+        zp = np.stack([pack_nibbles(row) for row in np.asarray(zeros).astype(np.uint8)])
+    return Q4Weight(packed, np.ascontiguousarray(scales, dtype=np.float32).reshape(n, nb), zp,
+                    nb * block, n, block)
+
+
 def q4_quantize(b: np.ndarray, block: int = 32, symmetric: bool = True) -> Q4Weight:
     """Round-to-nearest 4-bit block quantization of a (K, N) MatMul weight.
 
     Symmetric follows ONNX Runtime's quantizer: the value of largest magnitude
     in a block maps to code 0 (scale = that value / -8), zero point 8.
     Asymmetric spans [min(x, 0), max(x, 0)] with 15 steps and a rounded zero point.
+    RTN, HQQ and GPTQ (edgetune.export) differ only in how they choose codes, scales and
+    zero points; all three end in ``q4_weight``.
     """
     k, n = b.shape
     if block not in Q4_BLOCK_SIZES or k % block:
         raise ValueError(f"block must be one of {Q4_BLOCK_SIZES} and divide K={k}, got {block}")
-    blocks = np.ascontiguousarray(b.astype(np.float32).T).reshape(n, k // block, block)  # (N, nb, block)
-    if symmetric:
-        idx = np.abs(blocks).argmax(axis=2)[..., None]
-        vmax = np.take_along_axis(blocks, idx, axis=2)[..., 0]
-        scales = (vmax / -8.0).astype(np.float32)
-        zp = np.full(scales.shape, 8.0, np.float32)
-    else:
-        vmin = np.minimum(blocks.min(axis=2), 0.0)
-        vmax = np.maximum(blocks.max(axis=2), 0.0)
-        scales = ((vmax - vmin) / 15.0).astype(np.float32)
-        safe = np.where(scales == 0, 1.0, scales)
-        zp = np.clip(np.round(-vmin / safe), 0, 15).astype(np.float32)
-    inv = np.where(scales == 0, 0.0, 1.0 / np.where(scales == 0, 1.0, scales)).astype(np.float32)
-    q = np.clip(np.round(blocks * inv[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
-    packed = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4), dtype=np.uint8)
-    scales = np.ascontiguousarray(scales)
-    zero_points = None
-    if not symmetric:
-        zero_points = np.stack([pack_nibbles(row) for row in zp.astype(np.uint8)])
-    return Q4Weight(packed, scales, zero_points, k, n, block)
+    scales, zeros = rtn_params(b, block, symmetric)
+    blocks = np.ascontiguousarray(b.astype(np.float32).T).reshape(n, k // block, block)
+    return q4_weight(codes_for(blocks, scales, zeros), scales, None if symmetric else zeros, block)
 
 
 def q4_dequantize(w: Q4Weight) -> np.ndarray:

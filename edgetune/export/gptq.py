@@ -31,7 +31,7 @@ import numpy as np
 from ..data import load_examples, smart_home
 from ..errors import ConfigError
 from ..kernels import Q4Weight
-from .q4codes import q4_weight, rtn_params
+from ..kernels.reference import q4_weight, rtn_params
 
 LAZY_BATCH = 128
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import Q4Weight
-from .q4codes import codes_for, q4_weight, rtn_params
+from ..kernels.reference import codes_for, q4_weight, rtn_params
 
 
 def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
@@ -40,12 +40,15 @@ def hqq_quantize(w: np.ndarray, block: int, symmetric: bool, iters: int = 20, p:
     x = np.ascontiguousarray(w.T, dtype=np.float64).reshape(n, k // block, block)  # (N, nb, block)
     s, z = (a.astype(np.float64) for a in rtn_params(w, block, symmetric))
 
-    def sq_error(s, z):
-        return (((codes_for(x, s, z) - z[..., None]) * s[..., None] - x) ** 2).sum(-1)
-
-    best_s, best_z, best_err = s.copy(), z.copy(), sq_error(s, z)
-    for _ in range(iters):
+    def codes_and_error(s, z):
+        """The codes (s, z) give, and each block's squared error with them (the codes are
+        reused by the next iteration's update, which starts from the same s and z)."""
         q = codes_for(x, s, z).astype(np.float64)
+        return q, (((q - z[..., None]) * s[..., None] - x) ** 2).sum(-1)
+
+    q, best_err = codes_and_error(s, z)
+    best_s, best_z = s.copy(), z.copy()
+    for _ in range(iters):
         target = x - _shrink(x - (q - z[..., None]) * s[..., None], beta, p)  # w minus outliers
         if not symmetric:
             safe = np.where(s == 0, 1.0, s)
@@ -54,7 +57,7 @@ def hqq_quantize(w: np.ndarray, block: int, symmetric: bool, iters: int = 20, p:
         dd = (d * d).sum(-1)
         s = np.where(dd > 0, (d * target).sum(-1) / np.where(dd > 0, dd, 1.0), s)
         beta *= kappa
-        err = sq_error(s, z)
+        q, err = codes_and_error(s, z)
         better = err < best_err
         best_s, best_z, best_err = (np.where(better, s, best_s), np.where(better, z, best_z),
                                     np.minimum(err, best_err))

@@ -81,17 +81,10 @@ class Rope:
         return ((np.cos(emb) * self.attn_factor).astype(np.float32),
                 (np.sin(emb) * self.attn_factor).astype(np.float32))
 
-    def apply(self, x: np.ndarray, pos: np.ndarray, total: int) -> np.ndarray:
-        """x (heads, T, head_dim) at positions ``pos``; ``total`` decides longrope's factors."""
-        return self.rotate(x, *self.tables(pos, total))
-
     def rotate(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x (heads, T, head_dim) rotated by the ``tables`` of its positions."""
-        rot, rest = x[..., :self.dim], x[..., self.dim:]
-        half = self.dim // 2
-        rotated = np.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
-        out = rot * cos + rotated * sin
-        return np.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+        """x (heads, T, head_dim) rotated by the ``tables`` of its positions (the prompt pass;
+        decoding rotates inside ``kernels.attention_decode``)."""
+        return kernels.reference.rope_rotate(x, cos, sin)
 
 
 class NativeDecoder:
@@ -103,6 +96,10 @@ class NativeDecoder:
         if arch["model_type"] not in FAMILIES:
             raise BundleError(f"native backend supports {', '.join(FAMILIES)}, "
                               f"not {arch['model_type']!r}")
+        if manifest.get("quantization", {}).get("quant") == "int8-dynamic":
+            raise BundleError(f"{bundle}: an int8-dynamic bundle (ONNX Runtime dynamic quantization, "
+                              "MatMulInteger) runs on the ort backend only: load it with "
+                              "backend='ort' (edgetune run --backend ort)")
         self.arch = arch
         self.threads = threads
         self.integer = integer  # Q4 projections through the FPGA's fixed-point datapath

@@ -158,11 +158,6 @@ class OnnxWeights:
         for n in self.nodes:
             for i in n.input:
                 consumers.setdefault(i, []).append(n)
-        integer = [n.name for n in self.nodes if n.op_type == "MatMulInteger"]
-        if integer:
-            raise BundleError(f"{self.path}: an int8-dynamic bundle (ONNX Runtime dynamic quantization, "
-                              f"MatMulInteger, e.g. {integer[0]}) runs on the ort backend only: "
-                              "load it with backend='ort' (edgetune run --backend ort)")
         for node in self.nodes:
             path = ".".join(p for p in node.name.split("/") if p and not p.startswith("MatMul"))
             if node.op_type == "MatMulNBits":

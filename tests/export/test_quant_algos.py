@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from edgetune.kernels.reference import codes_for, q4_weight, rtn_params
 
 from edgetune import kernels
 from edgetune.cli import main
@@ -14,7 +15,6 @@ from edgetune.errors import BundleError, ConfigError
 from edgetune.export import ExportConfig, export
 from edgetune.export.gptq import gptq_quantize
 from edgetune.export.hqq import hqq_quantize
-from edgetune.export.q4codes import codes_for, q4_weight, rtn_params
 from edgetune.runtime import Model, SamplingConfig
 
 from .genai import genai_greedy
