@@ -42,6 +42,9 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--packing", action="store_true", default=None, help="pack examples into rows")
+    p.add_argument("--hidden", type=int, default=1024,
+                   help="train: hidden size of the benchmark model (1024: ~330M parameters, "
+                   "1536: ~700M; intermediate 4x, 16 layers)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--strict", action="store_true", default=None,
                    help="refuse examples longer than --seq-len instead of truncating")
@@ -264,7 +267,8 @@ def _bench(args, log):
     else:
         from .bench.train import bench, format_results
 
-        results = bench(layers=4 if args.quick else 16, rounds=1 if args.quick else 2,
+        results = bench(hidden=args.hidden, layers=4 if args.quick else 16,
+                        rounds=1 if args.quick else 2,
                         checkpointing=args.gradient_checkpointing, log=log)
         rows = results
     if args.json:
@@ -408,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels: one shape, batch 1, 2 threads; train: 4 layers instead of 16; "
                    "dist: a 4-layer model, ddp / zero2 / zero3 only")
     p.add_argument("--nproc", type=int, default=2, help="dist: processes per strategy")
+    p.add_argument("--hidden", type=int, default=1024,
+                   help="train: hidden size of the benchmark model (1024: ~330M parameters, "
+                   "1536: ~700M; intermediate 4x, 16 layers)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="train: gradient checkpointing in every setup (activation memory "
                    "then no longer hides the weights' share of peak RSS)")

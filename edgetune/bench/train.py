@@ -11,6 +11,10 @@ its peak RSS (loading included) is its own:
 * ``qdora``       the same with DoRA (edgetune's NF4 DoRA layer)
 * ``bnb-qlora``   ``from_pretrained`` + PEFT LoRA over bitsandbytes ``Linear4bit`` (NF4, double
                   quant), its CPU backend
+
+Every setup runs with the allocator settings of edgetune's trainer
+(``train.memory.return_freed_memory``), the baselines included, so the ratios measure the
+methods, not the allocator.
 """
 
 from __future__ import annotations
@@ -55,7 +59,10 @@ def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: in
     from transformers import AutoModelForCausalLM
 
     from ..train.adapters import for_nf4_base
+    from ..train.memory import return_freed_memory
     from ..train.nf4 import load_model_nf4
+
+    return_freed_memory()  # as edgetune's trainer does; every setup, baselines included
 
     config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
                         use_dora=setup == "qdora", task_type="CAUSAL_LM")

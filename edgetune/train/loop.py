@@ -28,6 +28,7 @@ from ..models import check_model_dir, load_tokenizer
 from . import checkpoint
 from .adapters import ADAPTER_META, load_base, wrap_with_adapter
 from .config import TrainConfig
+from .memory import return_freed_memory
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -163,6 +164,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         return launch.launch(cfg, resume)
     out = check_run_dir(cfg, resume)
     check_model_dir(cfg.model)
+    return_freed_memory()
     tokenizer = load_tokenizer(cfg.model)
     rows = _prepare_rows(cfg, tokenizer, cfg.data)  # validates every line before writing
     eval_rows = _prepare_rows(cfg, tokenizer, cfg.eval_data) if cfg.eval_data else []
