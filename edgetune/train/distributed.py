@@ -59,7 +59,6 @@ from .loop import (
     save_adapter,
     token_loss_sum,
 )
-from .memory import return_freed_memory
 from .nf4 import NF4Linear
 
 DEEPSPEED_HINT = "pip install 'edgetune[distributed]' (or pip install deepspeed)"
@@ -405,7 +404,6 @@ def train_distributed(cfg: TrainConfig, resume: bool = False, progress: bool = T
 def _train(cfg: TrainConfig, resume: bool, progress: bool, world: World) -> Path:
     out = check_run_dir(cfg, resume)
     check_model_dir(cfg.model)
-    return_freed_memory()
     tokenizer = load_tokenizer(cfg.model)
     rows = _prepare_rows(cfg, tokenizer, cfg.data)
     eval_rows = _prepare_rows(cfg, tokenizer, cfg.eval_data) if cfg.eval_data else []

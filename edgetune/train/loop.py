@@ -158,13 +158,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     ``distributed.train_distributed``."""
     from . import distributed, launch
 
+    return_freed_memory()  # this process and, through this function, every worker
     if distributed.in_worker():
         return distributed.train_distributed(cfg, resume, progress)
     if cfg.distributed:
         return launch.launch(cfg, resume)
     out = check_run_dir(cfg, resume)
     check_model_dir(cfg.model)
-    return_freed_memory()
     tokenizer = load_tokenizer(cfg.model)
     rows = _prepare_rows(cfg, tokenizer, cfg.data)  # validates every line before writing
     eval_rows = _prepare_rows(cfg, tokenizer, cfg.eval_data) if cfg.eval_data else []

@@ -187,12 +187,11 @@ static void permute_f32(const float *x, float *xp, float *xsum, size_t m, size_t
                 o[16 * g + j] = xr[16 * g + 2 * j];
                 o[16 * g + 8 + j] = xr[16 * g + 2 * j + 1];
             }
-        if (xsum)
-            for (size_t b = 0; b < k / block; b++) {
-                float s = 0.0f;
-                for (size_t j = 0; j < block; j++) s += xr[b * block + j];
-                xsum[i * (k / block) + b] = s;
-            }
+        for (size_t b = 0; b < k / block; b++) {
+            float s = 0.0f;
+            for (size_t j = 0; j < block; j++) s += xr[b * block + j];
+            xsum[i * (k / block) + b] = s;
+        }
     }
 }
 
