@@ -4,12 +4,28 @@
 #include "et_simd.h"
 
 /* Outputs larger than the last-level cache bypass it (non-temporal stores): writing them
- * through the cache would first read every line from DRAM for nothing. */
+ * through the cache would first read every line from DRAM for nothing. The streaming stores
+ * are 128-bit, which needs 16-byte alignment only: numpy places a large array 16 bytes into
+ * its first page, so a 32-byte-alignment test turned streaming off for every numpy output
+ * (measured: 3072x8192 dequantization wrote at 13-15 GB/s through the cache, ~19 GB/s
+ * streamed). */
 #define ET_STREAM_BYTES ((size_t)32 << 20)
 
 static int use_stream(const float *out, size_t n) {
-    return n * sizeof(float) >= ET_STREAM_BYTES && ((uintptr_t)out & 31) == 0;
+    return n * sizeof(float) >= ET_STREAM_BYTES && ((uintptr_t)out & 15) == 0;
 }
+
+#ifdef ET_X86
+/* 8 floats to o: streamed past the caches (o 16-byte aligned) or stored normally. */
+ET_INLINE void store8(float *o, __m256 v, int stream) {
+    if (stream) {
+        _mm_stream_ps(o, _mm256_castps256_ps128(v));
+        _mm_stream_ps(o + 4, _mm256_extractf128_ps(v, 1));
+    } else {
+        _mm256_storeu_ps(o, v);
+    }
+}
+#endif
 
 int et_have_avx2(void) {
 #ifdef ET_X86
@@ -54,11 +70,7 @@ static void nf4_dequantize_avx2(const uint8_t *packed, const et_absmax *absmax, 
             __m128i parts[4] = {e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)};
             for (int j = 0; j < 4; j++) {
                 __m256i idx = _mm256_cvtepu8_epi32(parts[j]);
-                __m256 v = _mm256_mul_ps(lut16(idx, lo, hi), am);
-                if (stream)
-                    _mm256_stream_ps(o + 32 * h + 8 * j, v);
-                else
-                    _mm256_storeu_ps(o + 32 * h + 8 * j, v);
+                store8(o + 32 * h + 8 * j, _mm256_mul_ps(lut16(idx, lo, hi), am), stream);
             }
         }
     }
@@ -121,13 +133,8 @@ static void q4_dequantize_avx2(const uint8_t *packed, const float *scales, const
                 /* (q - zp) * scale, in that order: bit-exact with the reference */
                 v0 = _mm256_mul_ps(_mm256_sub_ps(v0, z), s);
                 v1 = _mm256_mul_ps(_mm256_sub_ps(v1, z), s);
-                if (stream) {
-                    _mm256_stream_ps(o + 2 * j, v0);
-                    _mm256_stream_ps(o + 2 * j + 8, v1);
-                } else {
-                    _mm256_storeu_ps(o + 2 * j, v0);
-                    _mm256_storeu_ps(o + 2 * j + 8, v1);
-                }
+                store8(o + 2 * j, v0, stream);
+                store8(o + 2 * j + 8, v1, stream);
             }
         }
     }

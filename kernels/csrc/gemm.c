@@ -225,7 +225,8 @@ ET_INLINE void q4_f32_block(const uint8_t *p, float sb, const float *xp, size_t 
     const size_t groups = block / 16;
     __m256 ta[ET_MR], tb[ET_MR];
     for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
-    for (size_t g = b * groups; g < (b + 1) * groups; g++) {
+    for (size_t j = 0; j < groups; j++) { /* a constant trip count: unrolls completely */
+        const size_t g = b * groups + j;
         __m256 lo, hi;
         nibbles_f32(p + 8 * g, &lo, &hi);
         for (int i = 0; i < mr; i++) {
@@ -523,7 +524,8 @@ ET_INLINE void q8w_block(const uint8_t *q, float sb, const float *x, size_t k, s
                          const size_t block, const int mr, __m256 *acc) {
     __m256 ta[ET_MR], tb[ET_MR];
     for (int i = 0; i < mr; i++) ta[i] = tb[i] = _mm256_setzero_ps();
-    for (size_t j = b * block; j < (b + 1) * block; j += 16) {
+    for (size_t t = 0; t < block; t += 16) { /* a constant trip count: unrolls completely */
+        const size_t j = b * block + t;
         __m128i v = _mm_loadu_si128((const __m128i *)(q + j));
         __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
         __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));

@@ -74,6 +74,20 @@ def test_nf4_error_bound():
     assert np.all(np.abs(d - w) <= absmax * (np.diff(ref.NF4_CODE).max() / 2 + 0.01))
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+def test_dequantize_beyond_the_cache_bit_exact(offset):
+    # outputs over 32 MiB are written with streaming stores; numpy places such an array 16
+    # bytes into a page (offset 0) and a view one float in is not 16-byte aligned (offset 1)
+    from edgetune.bench.kernels import random_nf4, random_q4
+
+    rng = np.random.default_rng(offset)
+    n, k = 3072, 3072  # 37.7 MB of fp32 output
+    t, q = random_nf4(k, n, rng), random_q4(k, n, 32, rng)
+    out = np.empty(n * k + offset, np.float32)[offset:].reshape(n, k)
+    np.testing.assert_array_equal(kernels.nf4_dequantize(t, out), ref.nf4_dequantize(t))
+    np.testing.assert_array_equal(kernels.q4_dequantize(q, out.T), ref.q4_dequantize(q))
+
+
 @pytest.mark.parametrize("backend", FAST)
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 40), cols=st.sampled_from([2, 6, 64, 100, 320]), seed=st.integers(0, 99))
