@@ -178,19 +178,23 @@ static void q8w_rows(const float *x, const uint8_t *codes, const float *scales, 
 
 /* fp32 activations, permuted per 16-element group (8 packed bytes): its 8 even-position
  * values, then its 8 odd-position values. xsum: the sum of each block of x. */
-static void permute_f32(const float *x, float *xp, float *xsum, size_t m, size_t k, size_t block) {
+ET_AVX2 static void permute_f32(const float *x, float *xp, float *xsum, size_t m, size_t k,
+                                size_t block) {
     for (size_t i = 0; i < m; i++) {
         const float *xr = x + i * k;
         float *o = xp + i * k;
-        for (size_t g = 0; g < k / 16; g++)
-            for (size_t j = 0; j < 8; j++) {
-                o[16 * g + j] = xr[16 * g + 2 * j];
-                o[16 * g + 8 + j] = xr[16 * g + 2 * j + 1];
-            }
+        for (size_t g = 0; g < k / 16; g++) {
+            __m256 a = _mm256_loadu_ps(xr + 16 * g), b = _mm256_loadu_ps(xr + 16 * g + 8);
+            /* shuffle_ps pairs up a and b per 128-bit lane; permute4x64 puts the lanes in order */
+            __m256 ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+            __m256 od = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+            _mm256_storeu_ps(o + 16 * g, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+            _mm256_storeu_ps(o + 16 * g + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+        }
         for (size_t b = 0; b < k / block; b++) {
-            float s = 0.0f;
-            for (size_t j = 0; j < block; j++) s += xr[b * block + j];
-            xsum[i * (k / block) + b] = s;
+            __m256 s = _mm256_setzero_ps();
+            for (size_t j = 0; j < block; j += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xr + b * block + j));
+            xsum[i * (k / block) + b] = hsum256(s);
         }
     }
 }
@@ -294,13 +298,17 @@ typedef struct {
 
 ET_AVX2 static void prepare_q8(const float *x, q8_prep *P, float *xs, size_t m, size_t k,
                                size_t block) {
-    size_t nb = k / block;
-    int8_t q[256];
+    const size_t nb = k / block;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    /* per 128-bit lane: its 8 even-position bytes, then its 8 odd-position bytes */
+    const __m256i even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                              0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     for (size_t i = 0; i < m; i++) {
+        int8_t *q = P->xq + i * k; /* codes in natural order first, chunk order below */
         for (size_t b = 0; b < nb; b++) {
             const float *xb = x + i * k + b * block;
             __m256 amax = _mm256_setzero_ps();
-            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
             for (size_t j = 0; j < block; j += 8)
                 amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(xb + j), absmask));
             __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
@@ -310,27 +318,35 @@ ET_AVX2 static void prepare_q8(const float *x, q8_prep *P, float *xs, size_t m, 
             float inv = s == 0.0f ? 0.0f : 1.0f / s;
             xs[i * nb + b] = s;
             /* x * inv rounded half to even (the default MXCSR mode, as numpy), clipped */
-            const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
-            int32_t sum = 0;
+            const __m256 vinv = _mm256_set1_ps(inv);
+            __m256i sum = _mm256_setzero_si256();
             for (size_t j = 0; j < block; j += 8) {
                 __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j), vinv),
                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 __m256i qi = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
-                int32_t t[8];
-                _mm256_storeu_si256((__m256i *)t, qi);
-                for (int l = 0; l < 8; l++) {
-                    q[j + l] = (int8_t)t[l];
-                    sum += t[l];
-                }
+                sum = _mm256_add_epi32(sum, qi);
+                /* 8 int32 -> 8 int8 (saturation is a no-op within +-127): 4 per lane */
+                __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(qi, qi), _mm256_packs_epi32(qi, qi));
+                int32_t q03 = _mm_cvtsi128_si32(_mm256_castsi256_si128(w));
+                int32_t q47 = _mm_cvtsi128_si32(_mm256_extracti128_si256(w, 1));
+                memcpy(q + b * block + j, &q03, 4);
+                memcpy(q + b * block + j + 4, &q47, 4);
             }
-            P->cb[i * nb + b] = s * (float)sum;
-            /* scatter into the chunk layout: even positions, then odd ones, per 64 */
-            for (size_t j = 0; j < block; j++) {
-                size_t e = b * block + j, c = e / 64, w = e % 64;
-                P->xq[i * k + 64 * c + (w & 1) * 32 + w / 2] = q[j];
-            }
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+            P->cb[i * nb + b] = s * (float)_mm_cvtsi128_si32(s4);
+            for (size_t l = 0; l < block / 8; l++) P->sx[i * (k / 8) + b * (block / 8) + l] = s;
         }
-        for (size_t l = 0; l < k / 8; l++) P->sx[i * (k / 8) + l] = xs[i * nb + (8 * l) / block];
+        /* each 64-code chunk: its 32 even-position codes, then its 32 odd-position ones */
+        for (size_t c = 0; c < k / 64; c++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(q + 64 * c));
+            __m256i d = _mm256_loadu_si256((const __m256i *)(q + 64 * c + 32));
+            a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(a, even_odd), 0xD8);
+            d = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(d, even_odd), 0xD8);
+            _mm256_storeu_si256((__m256i *)(q + 64 * c), _mm256_permute2x128_si256(a, d, 0x20));
+            _mm256_storeu_si256((__m256i *)(q + 64 * c + 32), _mm256_permute2x128_si256(a, d, 0x31));
+        }
     }
 }
 
