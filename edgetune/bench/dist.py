@@ -70,12 +70,12 @@ def _worker(strategy: str, hidden: int, layers: int, vocab: int, batch: int, seq
 
 
 def _launch(strategy: str, nproc: int, args: list[str], log) -> dict | None:
-    from ..train.launch import free_port
+    from ..train.config import TrainConfig
+    from ..train.launch import free_port, worker_env
 
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), GLOO_SOCKET_IFNAME="lo")
-    if strategy.startswith("zero"):
-        env.setdefault("DS_ACCELERATOR", "cuda" if _cuda() else "cpu")
+    # the trainer's own worker environment (threads split over the cores this process may
+    # use, gloo on loopback, DeepSpeed's accelerator), so the benchmark runs what it measures
+    env = worker_env(TrainConfig(model="-", data="-", out="-", strategy=strategy, nproc=nproc))
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-") as tmp:
         res = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
@@ -86,12 +86,6 @@ def _launch(strategy: str, nproc: int, args: list[str], log) -> dict | None:
             log(f"{strategy}: failed (exit code {p.returncode})\n{p.stderr[-3000:]}")
             return None
         return json.loads(res.read_text())
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def bench(nproc: int = 2, quick: bool = False, hidden: int = 1024, layers: int = 8,
