@@ -18,8 +18,7 @@ from onnx import helper, numpy_helper
 
 from .. import kernels
 from .config import ExportConfig
-
-MS_DOMAIN = "com.microsoft"
+from .quantize import MS_DOMAIN, use_ms_domain
 
 
 def quantize_embedding(model: onnx.ModelProto, cfg: ExportConfig) -> str:
@@ -61,6 +60,5 @@ def quantize_embedding(model: onnx.ModelProto, cfg: ExportConfig) -> str:
     graph.node.insert(idx, new)
     if not any(name in n.input for n in graph.node):  # a tied LM head may still read it
         graph.initializer.remove(inits[name])
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    use_ms_domain(model)
     return f"embedding {vocab}x{hidden} as {bits}-bit blocks of {cfg.block_size} (GatherBlockQuantized)"

@@ -129,6 +129,11 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig,
     remaining = [i for i in graph.initializer if i.name not in drop]
     del graph.initializer[:]
     graph.initializer.extend(remaining)
+    use_ms_domain(model)
+    return QuantSummary(counts, kept)
+
+
+def use_ms_domain(model: onnx.ModelProto) -> None:
+    """Declare ONNX Runtime's contrib-op domain (MatMulNBits, GatherBlockQuantized) once."""
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return QuantSummary(counts, kept)
