@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from pathlib import Path
 from typing import Callable
 
@@ -28,3 +29,16 @@ def best_round(rounds: list[dict], speed: Callable[[dict], float], peak_key: str
     best[peak_key] = max(r[peak_key] for r in rounds)
     best["rounds"] = len(rounds)
     return best
+
+
+def in_fresh_process(target: Callable, *args) -> tuple[dict | None, int]:
+    """Run ``target(*args, queue)`` in a freshly spawned interpreter (its own allocator,
+    thread pools and peak RSS, nothing inherited from this process) and return (the dict it
+    put on the queue, or None if it put none or failed; its exit code). The dict is small:
+    the child is joined before the queue is read."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    p.join()
+    return (None if p.exitcode != 0 or q.empty() else q.get()), p.exitcode

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import best_round, peak_rss_bytes
+from . import best_round, in_fresh_process, peak_rss_bytes
 
 BACKENDS = ("ort", "native")
 BENCH_MODEL = "phi3-0.55b-int4-v1"
@@ -154,15 +154,11 @@ def _measure(backend: str, bundle: str, threads: int, prompt_tokens: int, new_to
 
 def _run_backend(backend: str, bundle: Path, threads: int, prompt_tokens: int,
                  new_tokens: int, repeats: int) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_measure, args=(backend, str(bundle), threads, prompt_tokens,
-                                           new_tokens, repeats, q))
-    p.start()
-    p.join()
-    if p.exitcode != 0 or q.empty():
-        raise RuntimeError(f"bench runtime: the {backend} backend failed (exit code {p.exitcode})")
-    return q.get()
+    result, code = in_fresh_process(_measure, backend, str(bundle), threads, prompt_tokens,
+                                    new_tokens, repeats)
+    if result is None:
+        raise RuntimeError(f"bench runtime: the {backend} backend failed (exit code {code})")
+    return result
 
 
 # -- bytes -----------------------------------------------------------------------------------

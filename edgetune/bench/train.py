@@ -24,7 +24,7 @@ import multiprocessing as mp
 import tempfile
 import time
 
-from . import best_round, peak_rss_bytes
+from . import best_round, in_fresh_process, peak_rss_bytes
 
 SETUPS = ("lora-fp32", "qlora", "qdora", "bnb-qlora")
 
@@ -109,22 +109,17 @@ def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int =
     shared machine then hits every setup; each keeps its fastest round, and the highest peak
     RSS of its rounds); ratios are against bitsandbytes and fp32 LoRA. ``checkpointing``:
     gradient checkpointing in every setup."""
-    ctx = mp.get_context("spawn")
     runs: dict[str, list[dict]] = {s: [] for s in SETUPS}
     with tempfile.TemporaryDirectory(prefix="edgetune-bench-train-") as model_dir:
         _model(hidden, layers, vocab).save_pretrained(model_dir)  # fp32 safetensors
         _copy_tokenizer(model_dir)  # a model dir is complete with one (not used for speed)
         for _ in range(rounds):
             for setup in SETUPS:
-                q = ctx.Queue()
-                p = ctx.Process(target=_run, args=(setup, model_dir, vocab, batch, seq, steps,
-                                                   checkpointing, q))
-                p.start()
-                p.join()
-                if p.exitcode != 0 or q.empty():
-                    log(f"{setup}: failed (exit code {p.exitcode})")
+                r, code = in_fresh_process(_run, setup, model_dir, vocab, batch, seq, steps,
+                                           checkpointing)
+                if r is None:
+                    log(f"{setup}: failed (exit code {code})")
                     continue
-                r = q.get()
                 log(f"{setup}: {r['ms']:.0f} ms/step, peak RSS {r['peak_rss_mb']:.0f} MB")
                 runs[setup].append(r)
     results = [{**best_round(runs[s], lambda r: -r["ms"], "peak_rss_mb"),
