@@ -23,12 +23,8 @@ is calibrated on the fp32 model's activations.
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
-
 import numpy as np
 
-from ..data import load_examples, smart_home
 from ..errors import ConfigError
 from ..kernels import Q4Weight
 from ..kernels.reference import q4_weight, rtn_params
@@ -39,18 +35,10 @@ LAZY_BATCH = 128
 def calibration_texts(tokenizer, calib_data: str | None, limit: int = 512) -> list[str]:
     """Calibration text: the given JSONL/.txt file, else the bundled task's *training*
     combinations (the parity report scores held-out ones, which calibration must not see)."""
-    from .report import render, render_chat
+    from .report import task_texts
 
-    if calib_data and not Path(calib_data).is_file():
-        raise ConfigError(f"{calib_data}: calibration data not found")
-    if calib_data and str(calib_data).endswith(".txt"):
-        return [p.strip() for p in Path(calib_data).read_text().split("\n\n") if p.strip()][:limit]
-    if calib_data:
-        return [render(tokenizer, ex) for ex in load_examples(calib_data)[:limit]]
-    rng = random.Random(2)
-    train, _ = smart_home.split_combinations(seed=0)
-    return [render_chat(tokenizer, smart_home.make_example(rng, *rng.choice(train))["messages"])
-            for _ in range(limit)]
+    return task_texts(tokenizer, calib_data, limit, heldout=False, seed=2,
+                      what="calibration data")
 
 
 def collect_hessians(model, tokenizer, texts: list[str], modules: set[str], tokens: int,

@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import numpy as np
 
 from ..data import load_examples, smart_home
+from ..errors import ConfigError
 from ..runtime.ort_backend import OrtDecoder
 
 
@@ -32,18 +34,26 @@ def render(tokenizer, ex) -> str:
     return ex.text
 
 
+def task_texts(tokenizer, path: str | None, limit: int, heldout: bool, seed: int,
+               what: str) -> list[str]:
+    """Up to ``limit`` texts: from a JSONL file (rendered as the model sees them) or a .txt
+    file (paragraphs), else chats of the bundled task's held-out or training combinations."""
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    if path and str(path).endswith(".txt"):
+        return [p.strip() for p in Path(path).read_text().split("\n\n") if p.strip()][:limit]
+    if path:
+        return [render(tokenizer, ex) for ex in load_examples(path)[:limit]]
+    rng = random.Random(seed)
+    train, held = smart_home.split_combinations(seed=0)
+    combos = held if heldout else train
+    return [render_chat(tokenizer, smart_home.make_example(rng, *rng.choice(combos))["messages"])
+            for _ in range(limit)]
+
+
 def eval_texts(tokenizer, eval_data: str | None, limit: int = 64) -> list[str]:
     """Held-out texts: the given JSONL/.txt file, else the bundled task's held-out split."""
-    if eval_data and str(eval_data).endswith(".txt"):
-        paras = [p.strip() for p in Path(eval_data).read_text().split("\n\n") if p.strip()]
-        return paras[:limit]
-    if eval_data:
-        return [render(tokenizer, ex) for ex in load_examples(eval_data)[:limit]]
-    import random
-    rng = random.Random(1)
-    _, heldout = smart_home.split_combinations(seed=0)
-    exs = [smart_home.make_example(rng, *rng.choice(heldout)) for _ in range(limit)]
-    return [render_chat(tokenizer, e["messages"]) for e in exs]
+    return task_texts(tokenizer, eval_data, limit, heldout=True, seed=1, what="eval data")
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
