@@ -255,12 +255,20 @@ class Q4Weight:
         return self.packed.nbytes + self.scales.nbytes + zp
 
 
+def weight_blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """A (K, N) weight as fp32 blocks (N, K/block, block): the rows of MatMulNBits' layout."""
+    k, n = w.shape
+    return np.ascontiguousarray(np.asarray(w, np.float32).T).reshape(n, k // block, block)
+
+
 def rtn_params(w: np.ndarray, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """Round-to-nearest scales and zero points of a (K, N) weight, both (N, K/block) fp32:
     ``q4_quantize``'s choice (symmetric: zero point 8 and the signed scale that maps
     the largest-magnitude value to code 0), without packing anything (GPTQ asks per block)."""
-    k, n = w.shape
-    blocks = np.ascontiguousarray(np.asarray(w, np.float32).T).reshape(n, k // block, block)
+    return _rtn(weight_blocks(w, block), symmetric)
+
+
+def _rtn(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     if symmetric:
         idx = np.abs(blocks).argmax(axis=2)[..., None]
         scales = (np.take_along_axis(blocks, idx, axis=2)[..., 0] / -8.0).astype(np.float32)
@@ -302,11 +310,11 @@ def q4_quantize(b: np.ndarray, block: int = 32, symmetric: bool = True) -> Q4Wei
     RTN, HQQ and GPTQ (edgetune.export) differ only in how they choose codes, scales and
     zero points; all three end in ``q4_weight``.
     """
-    k, n = b.shape
+    k = b.shape[0]
     if block not in Q4_BLOCK_SIZES or k % block:
         raise ValueError(f"block must be one of {Q4_BLOCK_SIZES} and divide K={k}, got {block}")
-    scales, zeros = rtn_params(b, block, symmetric)
-    blocks = np.ascontiguousarray(b.astype(np.float32).T).reshape(n, k // block, block)
+    blocks = weight_blocks(b, block)  # one transposed copy, shared by the scales and codes
+    scales, zeros = _rtn(blocks, symmetric)
     return q4_weight(codes_for(blocks, scales, zeros), scales, None if symmetric else zeros, block)
 
 
