@@ -42,9 +42,6 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--packing", action="store_true", default=None, help="pack examples into rows")
-    p.add_argument("--hidden", type=int, default=1024,
-                   help="train: hidden size of the benchmark model (1024: ~330M parameters, "
-                   "1536: ~700M; intermediate 4x, 16 layers)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--strict", action="store_true", default=None,
                    help="refuse examples longer than --seq-len instead of truncating")

@@ -11,8 +11,8 @@ instead of ~1990 MB, step time unchanged. At 256 KiB the peak fell further (904 
 page faults of every new tensor cost ~30 % of the step time.
 
 PyTorch's own CPU advice is to swap in jemalloc or tcmalloc (an ``LD_PRELOAD``, outside a
-library's reach); `train()` calls this once per process, so
-every worker of a distributed run gets it too. This gets the memory back with the allocator already loaded. Other C
+library's reach); this gets the memory back with the allocator already loaded. ``train()``
+calls it once per process, so every worker of a distributed run gets it too. Other C
 libraries (musl, macOS) are left alone.
 """
 
