@@ -30,6 +30,9 @@ cdef extern from "edgetune_kernels.h":
                     size_t n, size_t k, size_t block, int threads, int use_simd) nogil
     int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, const float *code,
                     float *y, size_t m, size_t n, size_t k, int threads, int use_simd) nogil
+    int et_nf4_q8_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax,
+                       const int8_t *code, float *y, size_t m, size_t n, size_t k, int threads,
+                       int use_simd) nogil
     void et_rms_norm(const float *x, const float *w, float *out, size_t t, size_t h, float eps,
                      int use_simd) nogil
     void et_swiglu(const float *gu, float *out, size_t t, size_t n, int use_simd) nogil
@@ -117,6 +120,22 @@ def nf4_gemv(const float[:, ::1] x, const uint8_t[::1] packed, const uint8_t[::1
                          out.shape[1], x.shape[1], threads, simd)
     if rc:
         raise MemoryError("nf4_gemv: out of memory for the activation workspace")
+
+
+def nf4_q8_gemv(const float[:, ::1] x, const uint8_t[::1] packed, const uint8_t[::1] absmax_q,
+                const float[::1] absmax_scale, float offset, const float[::1] dyn,
+                const int8_t[::1] code, float[:, ::1] out, int threads=1, bint simd=HAVE_AVX2):
+    """Integer datapath y = x @ W.T for an NF4 weight W (N, K), K % 64 == 0: ``code`` is the
+    int8 code book; x is quantized per 64-element block here (as q8_quantize)."""
+    cdef et_absmax a = _absmax(absmax_q, absmax_scale, offset, dyn)
+    cdef int rc
+    with nogil:
+        rc = et_nf4_q8_gemv(&x[0, 0], &packed[0], &a, &code[0], &out[0, 0], x.shape[0],
+                            out.shape[1], x.shape[1], threads, simd)
+    if rc == -2:
+        raise ValueError("nf4_q8_gemv: K must be a multiple of 64")
+    if rc:
+        raise MemoryError("nf4_q8_gemv: out of memory for the activation workspace")
 
 
 def q8w_gemm(const float[:, ::1] x, const uint8_t[:, :, ::1] codes, const float[:, ::1] scales,

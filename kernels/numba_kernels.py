@@ -89,6 +89,30 @@ def q4q8_gemm(xe, xo, xsum, xs, packed, scales, zps, out):  # pragma: no cover -
             out[m, r] = acc
 
 
+@njit(parallel=True, cache=True)
+def nf4_q8_gemv(xe, xo, xs127, packed, absmax, code_i8, out):  # pragma: no cover - compiled
+    """NF4 integer datapath: int32 block sums of code_i8[q] * xq per 64-element block, then
+    absmax * xs / 127; ``xe``/``xo`` are the int8 codes at even and odd positions, ``xs127``
+    the block scales / 127. K is a multiple of 64 (checked by the caller)."""
+    m_rows = xe.shape[0]
+    n_rows = out.shape[1]
+    half = xe.shape[1]  # K / 2 packed bytes a row
+    nb = half // 32
+    for r in prange(n_rows):
+        row = r * half
+        for m in range(m_rows):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                dot = np.int32(0)
+                base = b * 32
+                for j in range(32):
+                    p = packed[row + base + j]
+                    dot += (np.int32(code_i8[p & 15]) * np.int32(xe[m, base + j])
+                            + np.int32(code_i8[p >> 4]) * np.int32(xo[m, base + j]))
+                acc += np.float32(dot) * (absmax[r * nb + b] * xs127[m, b])
+            out[m, r] = acc
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def stream_sum(a):  # pragma: no cover - compiled
     """Sum of a large array: the read-bandwidth probe of the benchmarks."""

@@ -207,6 +207,29 @@ def nf4_gemv(x: np.ndarray, t: NF4Tensor) -> np.ndarray:
     return (x.astype(np.float32) @ nf4_dequantize(t).T).astype(np.float32)
 
 
+#: NF4's code book as int8 (each value x 127, rounded): the integer datapath's weights.
+#: |value| <= 127, so a u8 x s8 pair product sum (maddubs) cannot saturate int16, and the
+#: sign follows the code index (0-6 negative, 7 zero, 8-15 positive).
+NF4_CODE_I8 = np.round(NF4_CODE.astype(np.float64) * 127).astype(np.int8)
+
+
+def nf4_q8_gemv(x: np.ndarray, t: NF4Tensor) -> np.ndarray:
+    """Integer datapath y = x @ W.T for an NF4 weight W (N, K), K a multiple of 64: x
+    quantized to Q8 per 64-element block (aligned with the NF4 blocks), int32 block sums of
+    ``NF4_CODE_I8[code] * xq``, then x absmax x xs / 127. Against :func:`nf4_gemv` it adds
+    the code book's rounding (at most 0.5 / 127 of a block's absmax per weight) and the
+    activations' Q8 rounding, as ONNX Runtime's ``accuracy_level=4`` does for int4."""
+    n, k = t.shape
+    m, nb = x.shape[0], k // NF4_BLOCK
+    xq, xs = q8_quantize(x, NF4_BLOCK)
+    codes = unpack_nibbles(t.packed, t.numel).reshape(n, nb, NF4_BLOCK)
+    w8 = NF4_CODE_I8[codes].astype(np.int32)
+    sums = np.einsum("mbk,nbk->mnb", xq.reshape(m, nb, NF4_BLOCK).astype(np.int32), w8)
+    absmax = dequantize_absmax(t.absmax_q, t.absmax_scale, t.absmax_offset).reshape(n, nb)
+    scale = absmax[None, :, :] * (xs / np.float32(127.0))[:, None, :]
+    return (sums.astype(np.float32) * scale).sum(axis=2, dtype=np.float32)
+
+
 def bnb_nf4_to_edgetune(packed_bnb: np.ndarray) -> np.ndarray:
     """Convert bitsandbytes' packing (first element in the high nibble) to ours (low first)."""
     p = packed_bnb.astype(np.uint8)

@@ -5,7 +5,8 @@ cycles over more than 64 MiB of distinct weight matrices, so the L3 cache cannot
 DRAM. Reported per result: ms per matmul, weight GB/s, percent of the read bandwidth
 measured in this same run, and the ratio against ONNX Runtime run in this same process
 (> 1: edgetune is faster): ``MatMulNBits`` ``accuracy_level`` 4 for the integer Q4 x Q8
-path, ``accuracy_level`` 0 for Q4 x fp32, ``MatMulBnb4`` (bitsandbytes NF4) for NF4 x fp32.
+path, ``accuracy_level`` 0 for Q4 x fp32, ``MatMulBnb4`` (bitsandbytes NF4) for both NF4
+GEMVs (exact fp32 and integer Q8).
 Weight values do not matter for speed, so packed bytes and scales are random.
 """
 
@@ -151,7 +152,8 @@ def ort_matmulbnb4(weights: list, m: int, threads: int):
 
 
 def _nf4_results(k: int, n: int, batches, threads: int, bw: float, rng) -> list[BenchResult]:
-    """NF4 x fp32 GEMV (the QLoRA base format) against ``MatMulBnb4``, same weights."""
+    """NF4 GEMV (the QLoRA base format), exact fp32 (``nf4_gemv``) and integer
+    (``nf4_q8_gemv``), against ``MatMulBnb4`` on the same weights."""
     one = random_nf4(k, n, rng)
     count = max(2, -(-WORKING_SET // one.nbytes))
     weights = [one] + [random_nf4(k, n, rng) for _ in range(count - 1)]
@@ -159,18 +161,19 @@ def _nf4_results(k: int, n: int, batches, threads: int, bw: float, rng) -> list[
     for m in batches:
         x = rng.standard_normal((m, k)).astype(np.float32)
         runs = {"ort": ort_matmulbnb4(weights, m, threads)}
-        for backend in ("cython", "numba"):
-            def run_all(backend=backend, x=x):
-                with _forced(backend):
-                    for t in weights:
-                        kernels.nf4_gemv(x, t, threads=threads)
-            runs[backend] = run_all
+        for kernel, fn in (("nf4_gemv", kernels.nf4_gemv), ("nf4_q8_gemv", kernels.nf4_q8_gemv)):
+            for backend in ("cython", "numba"):
+                def run_all(fn=fn, backend=backend, x=x):
+                    with _forced(backend):
+                        for t in weights:
+                            fn(x, t, threads=threads)
+                runs[f"{kernel}[{backend}]"] = run_all
         sec = {name: t / count for name, t in _best_of(runs).items()}
         base = sec.pop("ort")
         res.append(BenchResult(f"ort_matmulbnb4 {k}x{n} m{m} t{threads}", base * 1e3,
                                one.nbytes / base / 1e9, 100 * one.nbytes / base / 1e9 / bw))
-        for backend, t in sec.items():
-            res.append(BenchResult(f"nf4_gemv[{backend}] {k}x{n} m{m} t{threads}", t * 1e3,
+        for name, t in sec.items():
+            res.append(BenchResult(f"{name} {k}x{n} m{m} t{threads}", t * 1e3,
                                    one.nbytes / t / 1e9, 100 * one.nbytes / t / 1e9 / bw,
                                    "ort_matmulbnb4", base / t))
     return res

@@ -57,6 +57,13 @@ int et_q4q8_gemm(const float *x, const uint8_t *packed, const float *scales, con
 int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, const float *code,
                 float *y, size_t m, size_t n, size_t k, int threads, int use_simd);
 
+/* Integer datapath for NF4, k % 64 == 0 (else -2): x quantized per 64-element block to int8
+ * (as et_q8_quantize), int32 block sums of code[q] * xq with `code` the int8 code book
+ * (reference.NF4_CODE_I8), then x absmax x xs / 127. */
+int et_nf4_q8_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax,
+                   const int8_t *code, float *y, size_t m, size_t n, size_t k, int threads,
+                   int use_simd);
+
 /* y (M, N) = x (M, K) @ dequant(B) for 8-bit MatMulNBits weights: codes (N, K/block, block)
  * with zero point 128, scales (N, K/block). */
 int et_q8w_gemm(const float *x, const uint8_t *codes, const float *scales, float *y, size_t m,

@@ -128,6 +128,26 @@ static void nf4_gemv_rows(const float *x, const uint8_t *packed, const et_absmax
         }
 }
 
+/* NF4 x Q8, portable: xq (M, K) int8 codes and xs127 (M, K/64) their scales / 127 (k % 64 == 0). */
+static void nf4q8_rows(const int8_t *xq, const float *xs127, const uint8_t *packed,
+                       const et_absmax *absmax, const int8_t *code, float *y, size_t m, size_t n,
+                       size_t k, size_t r0, size_t r1) {
+    const size_t nb = k / 64;
+    for (size_t r = r0; r < r1; r++)
+        for (size_t i = 0; i < m; i++) {
+            float acc = 0.0f;
+            for (size_t b = 0; b < nb; b++) {
+                const uint8_t *p = packed + (r * k + 64 * b) / 2;
+                const int8_t *xb = xq + i * k + 64 * b;
+                int32_t dot = 0;
+                for (size_t j = 0; j < 32; j++)
+                    dot += code[p[j] & 15] * xb[2 * j] + code[p[j] >> 4] * xb[2 * j + 1];
+                acc += (float)dot * (et_absmax_at(absmax, r * nb + b) * xs127[i * nb + b]);
+            }
+            y[i * n + r] = acc;
+        }
+}
+
 static void q8w_rows(const float *x, const uint8_t *codes, const float *scales, float *y,
                      size_t m, size_t n, size_t k, size_t block, size_t r0, size_t r1) {
     size_t nb = k / block;
@@ -536,6 +556,63 @@ ET_AVX2 static void nf4_gemv_avx2(const float *xp, const uint8_t *packed, const 
     }
 }
 
+/* NF4 x Q8: the code book as int8 (|value| <= 127) in one byte-shuffle table of magnitudes.
+ * A 64-element block is one 32-byte load: 2 shuffles give the 64 weight magnitudes, and the
+ * sign goes onto the activations instead (vpsignb by code - 7: codes 0-6 are negative, 7 is
+ * zero), so maddubs (u8 x s8 -> s16 pairs, at most 2 * 127 * 127, no saturation) computes
+ * w * xq. The activations are prepared by prepare_q8 with 64-element blocks: its chunk order
+ * (32 even-position codes, then 32 odd) meets the low and high nibbles of the load. */
+ET_INLINE void nf4q8_block(const uint8_t *p, float a, const q8_prep *P, const float *xs127,
+                           size_t i0, size_t k, size_t b, __m256i tabs, const int mr,
+                           __m256 *acc) {
+    const size_t nb = k / 64;
+    const __m256i m4 = _mm256_set1_epi8(15), seven = _mm256_set1_epi8(7), ones = _mm256_set1_epi16(1);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(p + 32 * b));
+    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m256i wl = _mm256_shuffle_epi8(tabs, lo), wh = _mm256_shuffle_epi8(tabs, hi);
+    __m256i sl = _mm256_sub_epi8(lo, seven), sh = _mm256_sub_epi8(hi, seven);
+    for (int i = 0; i < mr; i++) {
+        const int8_t *xb = P->xq + (i0 + i) * k + 64 * b;
+        __m256i dl = _mm256_maddubs_epi16(wl, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb), sl));
+        __m256i dh = _mm256_maddubs_epi16(wh, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xb + 32)), sh));
+        /* two s16 pair sums can exceed int16 together: widen each before adding */
+        __m256i d = _mm256_add_epi32(_mm256_madd_epi16(dl, ones), _mm256_madd_epi16(dh, ones));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(a * xs127[(i0 + i) * nb + b]), acc[i]);
+    }
+}
+
+/* One NF4 weight row against MR activation rows; blocks in pairs into two accumulators. */
+ET_INLINE void nf4q8_row(const uint8_t *p, const et_absmax *absmax, size_t b0, const q8_prep *P,
+                         const float *xs127, size_t i0, float *y, size_t ystride, size_t k,
+                         __m256i tabs, const int mr) {
+    const size_t nb = k / 64;
+    __m256 acc0[ET_MR], acc1[ET_MR];
+    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    size_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        _mm_prefetch((const char *)(p + 32 * b + ET_PREFETCH), _MM_HINT_NTA);
+        nf4q8_block(p, et_absmax_at(absmax, b0 + b), P, xs127, i0, k, b, tabs, mr, acc0);
+        nf4q8_block(p, et_absmax_at(absmax, b0 + b + 1), P, xs127, i0, k, b + 1, tabs, mr, acc1);
+    }
+    if (b < nb) nf4q8_block(p, et_absmax_at(absmax, b0 + b), P, xs127, i0, k, b, tabs, mr, acc0);
+    for (int i = 0; i < mr; i++) y[i * ystride] = hsum256(_mm256_add_ps(acc0[i], acc1[i]));
+}
+
+ET_AVX2 static void nf4q8_gemv_avx2(const q8_prep *P, const float *xs127, const uint8_t *packed,
+                                    const et_absmax *absmax, const int8_t *code, float *y,
+                                    size_t m, size_t n, size_t k, size_t r0, size_t r1) {
+    uint8_t mag[16];
+    for (int c = 0; c < 16; c++) mag[c] = (uint8_t)(code[c] < 0 ? -code[c] : code[c]);
+    const __m256i tabs = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mag));
+    for (size_t r = r0; r < r1; r++) {
+        const uint8_t *p = packed + r * (k / 2);
+        const size_t b0 = r * (k / 64);
+#define ROW(MR) nf4q8_row(p, absmax, b0, P, xs127, i, y + i * n + r, n, k, tabs, MR)
+        ET_MR_GROUPS(m, ROW)
+#undef ROW
+    }
+}
+
 /* 8-bit weights (zero point 128) x fp32 activations: 8 codes widened to floats per FMA, the
  * zero point folded into the block sums of x. */
 ET_INLINE void q8w_block(const uint8_t *q, float sb, const float *x, size_t k, size_t b,
@@ -667,6 +744,39 @@ int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, 
 #endif
     (void)use_simd;
     ET_FOR_ROWS(nt, n, nf4_gemv_rows(x, packed, absmax, code, y, m, n, k, r0, r1));
+    return 0;
+}
+
+int et_nf4_q8_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax,
+                   const int8_t *code, float *y, size_t m, size_t n, size_t k, int threads,
+                   int use_simd) {
+    if (k % 64) return -2; /* the Python boundary rejects this first */
+    int nt = team_size(threads, n, k), simd = 0;
+    size_t nb = k / 64;
+    /* one allocation: codes (m k), lane scales (m k / 8), block scales, their sums and the
+     * block scales / 127 (3 m nb) */
+    char *buf = malloc(m * k + sizeof(float) * (m * k / 8 + 3 * m * nb));
+    if (!buf) return -1;
+    int8_t *xq = (int8_t *)buf;
+    float *sx = (float *)(buf + m * k), *xs = sx + m * k / 8, *cb = xs + m * nb, *xs127 = cb + m * nb;
+#ifdef ET_X86
+    q8_prep P = {xq, sx, cb};
+    if (use_simd) {
+        prepare_q8(x, &P, xs, m, k, 64);
+        simd = 1;
+    }
+#endif
+    (void)use_simd;
+    (void)cb;
+    if (!simd) et_q8_quantize(x, xq, xs, m, k, 64);
+    for (size_t j = 0; j < m * nb; j++) xs127[j] = xs[j] / 127.0f;
+#ifdef ET_X86
+    if (simd)
+        ET_FOR_ROWS(nt, n, nf4q8_gemv_avx2(&P, xs127, packed, absmax, code, y, m, n, k, r0, r1));
+    else
+#endif
+        ET_FOR_ROWS(nt, n, nf4q8_rows(xq, xs127, packed, absmax, code, y, m, n, k, r0, r1));
+    free(buf);
     return 0;
 }
 

@@ -231,6 +231,87 @@ def test_nf4_gemv_golden_block():
             del os.environ["EDGETUNE_KERNELS"]
 
 
+def test_nf4_int8_code_book():
+    # NF4 x 127 rounded; magnitudes fit a u8 x s8 maddubs pair sum (2 * 127 * 127 < 2^15)
+    # and the sign follows the code index, which the C kernel relies on (sign = code - 7)
+    want = np.round(ref.NF4_CODE.astype(np.float64) * 127)
+    np.testing.assert_array_equal(ref.NF4_CODE_I8, want)
+    assert ref.NF4_CODE_I8.dtype == np.int8 and np.abs(ref.NF4_CODE_I8.astype(int)).max() == 127
+    np.testing.assert_array_equal(np.sign(ref.NF4_CODE_I8), np.sign(np.arange(16) - 7))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 40), kb=st.integers(1, 5), m=st.integers(1, 9),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_nf4_q8_gemv_matches_integer_reference(backend, n, kb, m, threads, seed):
+    rng = np.random.default_rng(seed)
+    k = 64 * kb
+    t = kernels.nf4_quantize(rng.standard_normal((n, k)).astype(np.float32))
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10, (m, 1))).astype(np.float32)
+    os.environ["EDGETUNE_KERNELS"] = backend
+    try:
+        got = kernels.nf4_q8_gemv(x, t, threads=threads)
+    finally:
+        del os.environ["EDGETUNE_KERNELS"]
+    want = ref.nf4_q8_gemv(x, t)
+    # the int32 block sums are exact; only the float scaling and summation order differ
+    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.nf4_dequantize(t)).max() + 1e-30
+    assert got.shape == (m, n) and np.all(np.abs(got - want) <= 1e-6 * scale)
+
+
+def test_nf4_q8_gemv_golden_block():
+    # codes 0..15 four times, absmax 2; x[15] = 1.27 is the block max (xs = 0.01, xq = 127)
+    # and x[16] = -0.5 gives xq = -50: int32 sum = 127 * 127 (code 15) + (-127) * (-50) (code 0)
+    w = np.tile(ref.NF4_CODE * 2.0, 4).astype(np.float32)[None, :]
+    t = kernels.nf4_quantize(w)
+    x = np.zeros((1, 64), np.float32)
+    x[0, 15], x[0, 16] = 1.27, -0.5
+    xs = np.float32(1.27) / np.float32(127.0)
+    want = np.float32(127 * 127 + 127 * 50) * (np.float32(2.0) * (xs / np.float32(127.0)))
+    assert ref.nf4_q8_gemv(x, t)[0, 0] == want
+    for backend in FAST:
+        os.environ["EDGETUNE_KERNELS"] = backend
+        try:
+            assert abs(kernels.nf4_q8_gemv(x, t)[0, 0] - want) <= 1e-6 * abs(want)
+        finally:
+            del os.environ["EDGETUNE_KERNELS"]
+
+
+def test_nf4_q8_gemv_close_to_exact_nf4():
+    # the two roundings (int8 code book, Q8 activations) cost ~1 % of the output here, small
+    # next to NF4's own quantization error
+    rng = np.random.default_rng(11)
+    t = kernels.nf4_quantize(rng.standard_normal((48, 512)).astype(np.float32))
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    got, exact = kernels.nf4_q8_gemv(x, t), kernels.nf4_gemv(x, t)
+    assert np.linalg.norm(got - exact) <= 0.02 * np.linalg.norm(exact)
+
+
+@pytest.mark.parametrize("kernel", ["q4_gemm", "q4q8_gemm", "nf4_gemv", "nf4_q8_gemv", "q8w_gemm"])
+def test_c_portable_path_matches_the_spec(kernel):
+    # the C core's scalar fallback (CPUs without AVX2) is a separate code path: same results
+    C = pytest.importorskip("edgetune.kernels._ckernels")
+    rng = np.random.default_rng(12)
+    k, n, m = 128, 9, 3
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    q = kernels.q4_quantize(rng.standard_normal((k, n)).astype(np.float32), 32, symmetric=False)
+    t = kernels.nf4_quantize(rng.standard_normal((n, k)).astype(np.float32))
+    nf4 = (t.packed, t.absmax_q, t.absmax_scale, t.absmax_offset, ref.DYNAMIC_MAP)
+    codes, scales = kernels.q8_weight_quantize(rng.standard_normal((k, n)).astype(np.float32), 32)
+    args, want = {
+        "q4_gemm": ((q.packed, q.scales, q.zp_values), ref.q4_gemm(x, q)),
+        "q4q8_gemm": ((q.packed, q.scales, q.zp_values), ref.q4q8_gemm(x, q)),
+        "nf4_gemv": ((*nf4, ref.NF4_CODE), ref.nf4_gemv(x, t)),
+        "nf4_q8_gemv": ((*nf4, ref.NF4_CODE_I8), ref.nf4_q8_gemv(x, t)),
+        "q8w_gemm": ((codes, scales), ref.q8w_gemm(x, codes, scales)),
+    }[kernel]
+    for simd in (False, True):
+        out = np.empty((m, n), np.float32)
+        getattr(C, kernel)(x, *args, out, 2, simd)
+        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_q8_activation_codes_bit_exact():
     # the C core quantizes activations itself: same int8 codes and scales as the spec
     C = pytest.importorskip("edgetune.kernels._ckernels")
@@ -313,6 +394,10 @@ def test_boundary_checks_raise_value_error(use_backend):
         kernels.nf4_gemv(np.ones((1, 64), np.float32), w2)
     with pytest.raises(ValueError, match="float32"):
         kernels.nf4_gemv(np.ones((1, 128), np.float64), w2)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kernels.nf4_q8_gemv(np.ones((1, 96), np.float32), kernels.nf4_quantize(np.ones((2, 96), np.float32)))
+    with pytest.raises(ValueError, match="inconsistent"):
+        kernels.nf4_q8_gemv(np.ones((1, 128), np.float32), broken)
     use_backend("fortran")
     with pytest.raises(ValueError, match="EDGETUNE_KERNELS"):
         kernels.nf4_dequantize(t)
