@@ -209,13 +209,18 @@ def q4q8_gemm(x: np.ndarray, w: Q4Weight, threads: int | None = None) -> np.ndar
     return _gemm("q4q8_gemm", x, w, threads)
 
 
-def nf4_gemv(x: np.ndarray, t: NF4Tensor, threads: int | None = None) -> np.ndarray:
-    """y (M, N) = x (M, K) @ W.T for an NF4 weight W of shape (N, K) (PyTorch Linear
-    layout), fp32 activations, without materializing W."""
+def _check_nf4_gemv(x: np.ndarray, t: NF4Tensor) -> None:
+    """Checks shared by the NF4 GEMVs: a consistent 2-D NF4 weight (N, K), x float32 (M, K)."""
     _check_nf4(t)
     _check(x, "x", np.float32, 2)
     if len(t.shape) != 2 or x.shape[1] != t.shape[1]:
         raise ValueError(f"x (M, K={x.shape[1]}) does not match an NF4 weight of shape {t.shape}")
+
+
+def nf4_gemv(x: np.ndarray, t: NF4Tensor, threads: int | None = None) -> np.ndarray:
+    """y (M, N) = x (M, K) @ W.T for an NF4 weight W of shape (N, K) (PyTorch Linear
+    layout), fp32 activations, without materializing W."""
+    _check_nf4_gemv(x, t)
     name = backend("nf4_gemv")
     if name == "reference":
         return reference.nf4_gemv(x, t)
@@ -235,10 +240,7 @@ def nf4_q8_gemv(x: np.ndarray, t: NF4Tensor, threads: int | None = None) -> np.n
     64-element block to int8 and NF4's code book as int8, int32 block sums, then both scales.
     Faster than the exact fp32 path (no fp32 decode of the weights) at the cost of the two
     roundings, as ONNX Runtime's ``accuracy_level=4``. K must be a multiple of 64."""
-    _check_nf4(t)
-    _check(x, "x", np.float32, 2)
-    if len(t.shape) != 2 or x.shape[1] != t.shape[1]:
-        raise ValueError(f"x (M, K={x.shape[1]}) does not match an NF4 weight of shape {t.shape}")
+    _check_nf4_gemv(x, t)
     if t.shape[1] % NF4_BLOCK:
         raise ValueError(f"nf4_q8_gemv needs K a multiple of {NF4_BLOCK} (so activation blocks "
                          f"line up with the NF4 blocks), got an NF4 weight of shape {t.shape}")

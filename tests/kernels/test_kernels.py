@@ -20,6 +20,16 @@ def use_backend(monkeypatch):
     return set_backend
 
 
+def _on(backend: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with EDGETUNE_KERNELS=backend (hypothesis tests cannot take the
+    function-scoped monkeypatch fixture)."""
+    os.environ["EDGETUNE_KERNELS"] = backend
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        del os.environ["EDGETUNE_KERNELS"]
+
+
 def test_all_backends_built():
     # both compiled implementations are real, shipped and importable
     assert kernels.available_backends() == ["cython", "numba", "reference"]
@@ -188,11 +198,7 @@ def test_nf4_gemv_within_1e5_of_reference(backend, n, k, m, threads, seed):
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     t = kernels.nf4_quantize(w)
-    os.environ["EDGETUNE_KERNELS"] = backend
-    try:
-        got = kernels.nf4_gemv(x, t, threads=threads)
-    finally:
-        del os.environ["EDGETUNE_KERNELS"]
+    got = _on(backend, kernels.nf4_gemv, x, t, threads=threads)
     want = ref.nf4_gemv(x, t)
     scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.nf4_dequantize(t)).max() + 1e-30
     assert got.shape == (m, n) and np.all(np.abs(got - want) <= 1e-5 * scale)
@@ -249,11 +255,7 @@ def test_nf4_q8_gemv_matches_integer_reference(backend, n, kb, m, threads, seed)
     k = 64 * kb
     t = kernels.nf4_quantize(rng.standard_normal((n, k)).astype(np.float32))
     x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10, (m, 1))).astype(np.float32)
-    os.environ["EDGETUNE_KERNELS"] = backend
-    try:
-        got = kernels.nf4_q8_gemv(x, t, threads=threads)
-    finally:
-        del os.environ["EDGETUNE_KERNELS"]
+    got = _on(backend, kernels.nf4_q8_gemv, x, t, threads=threads)
     want = ref.nf4_q8_gemv(x, t)
     # the int32 block sums are exact; only the float scaling and summation order differ
     scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.nf4_dequantize(t)).max() + 1e-30
@@ -271,11 +273,7 @@ def test_nf4_q8_gemv_golden_block():
     want = np.float32(127 * 127 + 127 * 50) * (np.float32(2.0) * (xs / np.float32(127.0)))
     assert ref.nf4_q8_gemv(x, t)[0, 0] == want
     for backend in FAST:
-        os.environ["EDGETUNE_KERNELS"] = backend
-        try:
-            assert abs(kernels.nf4_q8_gemv(x, t)[0, 0] - want) <= 1e-6 * abs(want)
-        finally:
-            del os.environ["EDGETUNE_KERNELS"]
+        assert abs(_on(backend, kernels.nf4_q8_gemv, x, t)[0, 0] - want) <= 1e-6 * abs(want)
 
 
 def test_nf4_q8_gemv_close_to_exact_nf4():
