@@ -146,8 +146,11 @@ def test_ctrl_c_then_resume_with_two_processes(tiny_model, data, single, tmp_pat
             str(PER_RANK), "--lr", "3e-3", "--seq-len", "128", "--save-every", "2", "--seed",
             "1", "--nproc", "2", "--strategy", "fsdp"]
     cli = [sys.executable, "-m", "edgetune.cli", "train"]
+    # default SIGINT handling even when pytest was started with it ignored (`cmd &` in a
+    # shell without job control): an ignored signal is inherited and Ctrl-C would do nothing
     proc = subprocess.Popen(cli + args, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-0000002").exists() and time.time() < deadline:
         time.sleep(0.05)
