@@ -9,6 +9,7 @@ in Python, so nothing malformed reaches compiled code.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -18,7 +19,7 @@ from .reference import NF4_BLOCK, NF4_CODE, NF4_CODE_I8, Q4_BLOCK_SIZES, NF4Tens
 
 __all__ = [
     "NF4Tensor", "Q4Weight", "NF4_CODE", "NF4_BLOCK", "Q4_BLOCK_SIZES", "backend",
-    "available_backends", "nf4_quantize", "nf4_dequantize", "q4_quantize", "q4_dequantize",
+    "forced_backend", "available_backends", "nf4_quantize", "nf4_dequantize", "q4_quantize", "q4_dequantize",
     "q4_gemm", "q4q8_gemm", "nf4_gemv", "nf4_q8_gemv", "q8w_gemm", "q8_weight_quantize", "reference",
     "rms_norm", "swiglu", "attention_decode", "prepare_q4q8_gemm", "prepare_q8w_gemm",
 ]
@@ -51,6 +52,21 @@ def backend(kernel: str = "") -> str:
     """Backend that runs ``kernel``: the fastest available that has it, starting from the one
     EDGETUNE_KERNELS forces (a forced backend without that kernel falls to the next)."""
     return _resolve(os.environ.get("EDGETUNE_KERNELS", ""), kernel)
+
+
+@contextmanager
+def forced_backend(name: str):
+    """Run a block with EDGETUNE_KERNELS=name (then restore what was set before): how the
+    benchmarks and tests pick one implementation of every kernel."""
+    old = os.environ.get("EDGETUNE_KERNELS")
+    os.environ["EDGETUNE_KERNELS"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("EDGETUNE_KERNELS", None)
+        else:
+            os.environ["EDGETUNE_KERNELS"] = old
 
 
 @lru_cache(maxsize=256)

@@ -12,9 +12,7 @@ Weight values do not matter for speed, so packed bytes and scales are random.
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -164,7 +162,7 @@ def _nf4_results(k: int, n: int, batches, threads: int, bw: float, rng) -> list[
         for kernel, fn in (("nf4_gemv", kernels.nf4_gemv), ("nf4_q8_gemv", kernels.nf4_q8_gemv)):
             for backend in ("cython", "numba"):
                 def run_all(fn=fn, backend=backend, x=x):
-                    with _forced(backend):
+                    with kernels.forced_backend(backend):
                         for t in weights:
                             fn(x, t, threads=threads)
                 runs[f"{kernel}[{backend}]"] = run_all
@@ -206,7 +204,7 @@ def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
                                         ("q4_gemm_f32", kernels.q4_gemm, 0)):
                     for backend in ("cython", "numba"):
                         def run_all(fn=fn, backend=backend, weights=weights, x=x, threads=threads):
-                            with _forced(backend):
+                            with kernels.forced_backend(backend):
                                 for w in weights:
                                     fn(x, w, threads=threads)
                         name = f"{kernel}[{backend}] {k}x{n} m{m} t{threads}"
@@ -249,7 +247,7 @@ def _dequant_results(weights: list[Q4Weight], copy_bw: float, rng) -> list[Bench
             ("nf4_dequantize", lambda t: kernels.nf4_dequantize(t, out), nf4, nf4[0].nbytes)):
         for backend in ("cython", "numba"):
             def run_all(fn=fn, items=items, backend=backend):
-                with _forced(backend):
+                with kernels.forced_backend(backend):
                     for it in items:
                         fn(it)
             label = f"{name}[{backend}] {w0.k}x{w0.n}"
@@ -260,20 +258,6 @@ def _dequant_results(weights: list[Q4Weight], copy_bw: float, rng) -> list[Bench
         res.append(BenchResult(label, sec / count * 1e3, moved, 100 * moved / copy_bw,
                                "copy_bandwidth", moved / copy_bw))
     return res
-
-
-@contextmanager
-def _forced(backend: str):
-    """Force EDGETUNE_KERNELS to one backend for the duration of a block."""
-    old = os.environ.get("EDGETUNE_KERNELS")
-    os.environ["EDGETUNE_KERNELS"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("EDGETUNE_KERNELS", None)
-        else:
-            os.environ["EDGETUNE_KERNELS"] = old
 
 
 def format_results(results: list[BenchResult]) -> str:

@@ -1,7 +1,5 @@
 """Fast kernels against the numpy reference, hand-built golden blocks, and ONNX Runtime."""
 
-import os
-
 import numpy as np
 import pytest
 from edgetune.kernels import reference as ref
@@ -20,14 +18,15 @@ def use_backend(monkeypatch):
     return set_backend
 
 
-def _on(backend: str, fn, *args, **kwargs):
-    """fn(*args, **kwargs) with EDGETUNE_KERNELS=backend (hypothesis tests cannot take the
-    function-scoped monkeypatch fixture)."""
-    os.environ["EDGETUNE_KERNELS"] = backend
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        del os.environ["EDGETUNE_KERNELS"]
+def test_forced_backend_restores_the_previous_choice(monkeypatch):
+    monkeypatch.setenv("EDGETUNE_KERNELS", "numba")
+    with kernels.forced_backend("reference"):
+        assert kernels.backend("q4_gemm") == "reference"
+    assert kernels.backend("q4_gemm") == "numba"
+    monkeypatch.delenv("EDGETUNE_KERNELS")
+    with kernels.forced_backend("numba"):
+        assert kernels.backend("q4_gemm") == "numba"
+    assert kernels.backend("q4_gemm") == "cython"
 
 
 def test_all_backends_built():
@@ -104,11 +103,8 @@ def test_dequantize_beyond_the_cache_bit_exact(offset):
 def test_nf4_dequantize_bit_exact(backend, rows, cols, seed):
     w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
     t = kernels.nf4_quantize(w)
-    os.environ["EDGETUNE_KERNELS"] = backend
-    try:
+    with kernels.forced_backend(backend):
         got = kernels.nf4_dequantize(t)
-    finally:
-        del os.environ["EDGETUNE_KERNELS"]
     np.testing.assert_array_equal(got, ref.nf4_dequantize(t))
 
 
@@ -119,12 +115,9 @@ def test_nf4_dequantize_bit_exact(backend, rows, cols, seed):
 def test_q4_dequantize_bit_exact(backend, block, kb, n, symmetric, seed):
     b = np.random.default_rng(seed).standard_normal((block * kb, n)).astype(np.float32)
     q = kernels.q4_quantize(b, block, symmetric)
-    os.environ["EDGETUNE_KERNELS"] = backend
-    try:
+    with kernels.forced_backend(backend):
         got = kernels.q4_dequantize(q)
         into = kernels.q4_dequantize(q, np.empty((n, block * kb), np.float32).T)
-    finally:
-        del os.environ["EDGETUNE_KERNELS"]
     np.testing.assert_array_equal(got, ref.q4_dequantize(q))
     np.testing.assert_array_equal(into, ref.q4_dequantize(q))
 
@@ -148,12 +141,9 @@ def test_q4_gemm_within_1e5_of_reference(backend, block, kb, n, m, symmetric, th
     b = rng.standard_normal((block * kb, n)).astype(np.float32)
     x = rng.standard_normal((m, block * kb)).astype(np.float32)
     q = kernels.q4_quantize(b, block, symmetric)
-    os.environ["EDGETUNE_KERNELS"] = backend
-    try:
+    with kernels.forced_backend(backend):
         got = kernels.q4_gemm(x, q, threads=threads)
         got8 = kernels.q4q8_gemm(x, q, threads=threads)
-    finally:
-        del os.environ["EDGETUNE_KERNELS"]
     want, want8 = ref.q4_gemm(x, q), ref.q4q8_gemm(x, q)
     scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.q4_dequantize(q)).max() + 1e-30
     # bound relative to the magnitude of the terms summed (cancellation-safe)
@@ -198,7 +188,8 @@ def test_nf4_gemv_within_1e5_of_reference(backend, n, k, m, threads, seed):
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)
     t = kernels.nf4_quantize(w)
-    got = _on(backend, kernels.nf4_gemv, x, t, threads=threads)
+    with kernels.forced_backend(backend):
+        got = kernels.nf4_gemv(x, t, threads=threads)
     want = ref.nf4_gemv(x, t)
     scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.nf4_dequantize(t)).max() + 1e-30
     assert got.shape == (m, n) and np.all(np.abs(got - want) <= 1e-5 * scale)
@@ -212,11 +203,8 @@ def test_q8w_gemm_within_1e5_of_reference(backend, block, kb, n, m, threads, see
     rng = np.random.default_rng(seed)
     codes, scales = kernels.q8_weight_quantize(rng.standard_normal((block * kb, n)).astype(np.float32), block)
     x = rng.standard_normal((m, block * kb)).astype(np.float32)
-    os.environ["EDGETUNE_KERNELS"] = backend
-    try:
+    with kernels.forced_backend(backend):
         got = kernels.q8w_gemm(x, codes, scales, threads=threads)
-    finally:
-        del os.environ["EDGETUNE_KERNELS"]
     want = ref.q8w_gemm(x, codes, scales)
     scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.q8_weight_dequantize(codes, scales)).max()
     assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30)
@@ -230,11 +218,8 @@ def test_nf4_gemv_golden_block():
     x[0, 15] = 1.0  # picks code 15 (1.0) x absmax 2
     x[0, 16] = 3.0  # picks code 0 (-1.0) x absmax 2, three times
     for backend in FAST:
-        os.environ["EDGETUNE_KERNELS"] = backend
-        try:
+        with kernels.forced_backend(backend):
             assert kernels.nf4_gemv(x, t)[0, 0] == 2.0 - 6.0
-        finally:
-            del os.environ["EDGETUNE_KERNELS"]
 
 
 def test_nf4_int8_code_book():
@@ -255,7 +240,8 @@ def test_nf4_q8_gemv_matches_integer_reference(backend, n, kb, m, threads, seed)
     k = 64 * kb
     t = kernels.nf4_quantize(rng.standard_normal((n, k)).astype(np.float32))
     x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10, (m, 1))).astype(np.float32)
-    got = _on(backend, kernels.nf4_q8_gemv, x, t, threads=threads)
+    with kernels.forced_backend(backend):
+        got = kernels.nf4_q8_gemv(x, t, threads=threads)
     want = ref.nf4_q8_gemv(x, t)
     # the int32 block sums are exact; only the float scaling and summation order differ
     scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.nf4_dequantize(t)).max() + 1e-30
@@ -273,7 +259,8 @@ def test_nf4_q8_gemv_golden_block():
     want = np.float32(127 * 127 + 127 * 50) * (np.float32(2.0) * (xs / np.float32(127.0)))
     assert ref.nf4_q8_gemv(x, t)[0, 0] == want
     for backend in FAST:
-        assert abs(_on(backend, kernels.nf4_q8_gemv, x, t)[0, 0] - want) <= 1e-6 * abs(want)
+        with kernels.forced_backend(backend):
+            assert abs(kernels.nf4_q8_gemv(x, t)[0, 0] - want) <= 1e-6 * abs(want)
 
 
 def test_nf4_q8_gemv_close_to_exact_nf4():
@@ -336,11 +323,8 @@ def test_q4q8_golden_block_integer_sum():
     xs = np.float32(2.54) / np.float32(127.0)
     want = np.float32(-2032) * xs * np.float32(1.0) + np.float32(-2032) * xs * np.float32(0.5)
     for backend in FAST:
-        os.environ["EDGETUNE_KERNELS"] = backend
-        try:
+        with kernels.forced_backend(backend):
             got = kernels.q4q8_gemm(x, w)[0, 0]
-        finally:
-            del os.environ["EDGETUNE_KERNELS"]
         assert abs(got - want) <= 1e-6 * abs(want)
     assert ref.q4q8_gemm(x, w)[0, 0] == pytest.approx(want, rel=1e-6)
 
