@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from edgetune.errors import ConfigError
 from edgetune.train import TrainConfig, train
 
+from .interrupt import start_interruptible, wait_for_checkpoint
+
 # tolerances measured on this recipe: 2-rank vs 1-process adapters differ by <= 4e-7
 # (summation order of the gradient reductions)
 ATOL, RTOL = 5e-6, 1e-4
@@ -138,7 +140,6 @@ def test_ctrl_c_then_resume_with_two_processes(tiny_model, data, single, tmp_pat
     import os
     import signal
     import subprocess
-    import time
 
     out = tmp_path / "run"
     args = ["--model", str(tiny_model), "--data", str(data), "--out", str(out), "--method",
@@ -146,14 +147,8 @@ def test_ctrl_c_then_resume_with_two_processes(tiny_model, data, single, tmp_pat
             str(PER_RANK), "--lr", "3e-3", "--seq-len", "128", "--save-every", "2", "--seed",
             "1", "--nproc", "2", "--strategy", "fsdp"]
     cli = [sys.executable, "-m", "edgetune.cli", "train"]
-    # default SIGINT handling even when pytest was started with it ignored (`cmd &` in a
-    # shell without job control): an ignored signal is inherited and Ctrl-C would do nothing
-    proc = subprocess.Popen(cli + args, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-0000002").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_interruptible(cli + args, start_new_session=True)
+    wait_for_checkpoint(proc, out, timeout=300)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and not (out / "adapter").exists(), err.decode()[-2000:]

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from safetensors.torch import load_file
 
 from edgetune.errors import ConfigError, OutputExistsError
 from edgetune.train import TrainConfig, train
+
+from .interrupt import start_interruptible, wait_for_checkpoint
 
 
 def cfg_for(tiny_model, task_data, out, **kw):
@@ -104,19 +105,8 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(tiny_model, task_data, tmp
     subprocess.run(cli + args + ["--out", str(straight)], check=True, env=env, capture_output=True)
 
     broken = tmp_path / "broken"
-    # a shell without job control starts `cmd &` with SIGINT ignored, and an ignored signal is
-    # inherited: Python then installs no KeyboardInterrupt handler and Ctrl-C does nothing.
-    # Give the run the default disposition a terminal's foreground process has.
-    proc = subprocess.Popen(cli + args + ["--out", str(broken)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # any checkpoint will do (the first one, step 3, is rotated away at step 9: a poller that
-    # waits for that one name can miss it on a stalled vCPU and signal a finished run)
-    deadline = time.time() + 120
-    while (not list((broken / "checkpoints").glob("step-*")) and proc.poll() is None
-           and time.time() < deadline):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc = start_interruptible(cli + args + ["--out", str(broken)], env=env)
+    wait_for_checkpoint(proc, broken, timeout=120)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()[-2000:]
