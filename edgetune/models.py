@@ -49,18 +49,9 @@ def check_model_dir(model_dir: str | os.PathLike) -> dict:
             raise ModelError(f"{d}: only pickle weights (.bin/.pt) found; edgetune loads "
                              "safetensors only (convert with save_pretrained(safe_serialization=True))")
         raise ModelError(f"{d}: no *.safetensors weights found")
-    from safetensors import safe_open
+    from .tensors import SafetensorsSource
 
-    for w in weights:
-        try:
-            with safe_open(str(w), framework="numpy") as f:
-                keys = list(f.keys())
-                if keys:
-                    f.get_slice(keys[-1])
-        except Exception as e:  # safetensors raises several types for a damaged header
-            raise ModelError(f"{w}: not a readable safetensors file ({e})") from None
-        if w.stat().st_size < 16:
-            raise ModelError(f"{w}: truncated safetensors file")
+    SafetensorsSource(d)  # every header parsed and checked: truncation, shards, dtypes
     if not (d / "tokenizer.json").is_file() and not (d / "tokenizer.model").is_file():
         raise ModelError(f"{d}: no tokenizer (tokenizer.json) found")
     return cfg

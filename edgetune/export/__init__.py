@@ -1,11 +1,16 @@
-"""``export(model_dir, out, cfg) -> bundle``: Optimum ONNX export, weight quantization,
-parity report, and a self-describing bundle written atomically.
+"""``export(model_dir, out, cfg) -> bundle``: a streamed ONNX decoder with quantized
+weights, a parity report, and a self-describing bundle written atomically.
 
-merged/ ─► Optimum (fp32 decoder with KV cache) ─► weights ─► embedding ─► bundle/
+merged/ (safetensors) ─► source (one tensor at a time, ``edgetune.tensors``)
+    ─► graph builder (the family's ops, ``graph.py``) ─► quantizer (per projection,
+    ``quantize.py`` / ``hqq.py`` / ``gptq.py``) ─► writer (``writer.py``: appends to
+    model.onnx.data) ─► report (layer by layer, ``report.py``) ─► bundle/
 
-weights: int4 MatMulNBits blocks by rtn / hqq / gptq (``quantize.py``, ``hqq.py``,
-``gptq.py``), 8-bit MatMulNBits blocks, or ONNX Runtime dynamic quantization (``int8_dynamic.py``);
-embedding: fp32, or GatherBlockQuantized int8/int4 on request (``embedding.py``).
+weights: int4 MatMulNBits blocks by rtn / hqq / gptq, 8-bit MatMulNBits blocks, or ONNX
+Runtime dynamic quantization (``int8_dynamic.py``, which rewrites a whole fp32 model and so
+does not stream); embedding: fp32, or GatherBlockQuantized int8/int4 on request.
+The graph's inputs, outputs and node names are those of Optimum's export
+(``onnx_export.py``, kept as the tests' reference).
 """
 
 from __future__ import annotations
@@ -20,14 +25,12 @@ import onnx
 
 from ..bundle import commit_dir, dir_bytes, file_table, write_manifest
 from ..errors import ConfigError, OutputExistsError
-from ..models import check_model_dir, load_model, load_tokenizer
-from ..runtime.ort_backend import OrtDecoder
+from ..models import check_model_dir, load_tokenizer
 from .config import ExportConfig
-from .embedding import quantize_embedding
 from .int8_dynamic import INT8_KIND, quantize_int8_dynamic
-from .onnx_export import optimum_export
-from .quantize import QuantSummary, quantize_weights, weight_matmuls, weight_name
-from .report import eval_texts, format_report, quant_vs_fp32, torch_vs_onnx
+from .quantize import QuantSummary, quantize_weights
+from .report import eval_texts, format_report, fp32_weight_bytes, parity_report
+from .stream import DecoderWriter
 
 __all__ = ["ExportConfig", "export"]
 
@@ -117,27 +120,37 @@ def quantization_spec(cfg: ExportConfig, calibration: dict | None = None) -> dic
     return spec
 
 
-def _gptq_hessians(torch_model, tokenizer, model: onnx.ModelProto, cfg: ExportConfig,
-                   log) -> tuple[dict, dict]:
-    """GPTQ's X^T X per projection from the merged PyTorch model; (hessians, calibration)."""
-    from .gptq import calibration_texts, collect_hessians
+def _decoder(model_dir: Path, bundle: Path, work: Path, cfg: ExportConfig, log):
+    """Write the bundle's decoder; returns (QuantSummary, calibration, embedding note)."""
+    calibration, gptq = None, None
+    if cfg.algo == "gptq":
+        from .gptq import GptqDriver
 
-    source = cfg.calib_data or cfg.eval_data
-    modules = {weight_name(n).removesuffix(".weight") for n in weight_matmuls(model)}
-    hessians, used = collect_hessians(torch_model, tokenizer, calibration_texts(tokenizer, source),
-                                      modules, cfg.calib_tokens)
-    calibration = {"source": str(source) if source else "bundled task, training split",
-                   "tokens": used, "damp": cfg.gptq_damp, "act_order": cfg.act_order,
-                   "overlaps_report_text": bool(source) and source == cfg.eval_data}
-    if calibration["overlaps_report_text"]:
-        log(f"note: GPTQ calibrated on {source}, the text the parity report scores; "
-            "pass --calib-data for an independent report")
-    return hessians, calibration
+        gptq = GptqDriver.start(model_dir, cfg, log)
+        calibration = gptq.calibration
+    if cfg.quant == "int8-dynamic":  # ORT's quantize_dynamic rewrites a whole fp32 model
+        fp32 = work / "fp32"
+        fp32.mkdir()
+        res = DecoderWriter(model_dir, cfg).write(fp32, DECODER, DECODER_DATA, cfg.opset)
+        model = quantize_int8_dynamic(onnx.load(str(fp32 / DECODER)), work)
+        head = quantize_weights(model, cfg)  # what is left: the LM head, per --lm-head
+        shutil.rmtree(fp32)
+        _save_onnx(model, bundle / DECODER)
+        summary = QuantSummary({"int8-dynamic": sum(n.op_type == "MatMulInteger" for n in model.graph.node),
+                                **head.quantized}, head.kept)
+        return summary, None, res.embedding
+    res = DecoderWriter(model_dir, cfg, gptq).write(bundle, DECODER, DECODER_DATA, cfg.opset)
+    if gptq is not None:
+        gptq.finish()
+    return QuantSummary(res.quantized, res.kept), calibration, res.embedding
 
 
 def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = None,
            force: bool = False, log=print) -> Path:
-    """Export a merged HF model dir into a bundle at ``out``; returns ``out``."""
+    """Export a merged HF model dir into a bundle at ``out``; returns ``out``.
+
+    Streams: tensors are read one at a time from the checkpoint and written to the bundle
+    as they are quantized (``stream.py``); the report runs the model layer by layer."""
     cfg = cfg or ExportConfig()
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
@@ -151,28 +164,9 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        fp32_path = optimum_export(model_dir, work / "fp32", cfg.opset)
         bundle = work / "bundle"
         bundle.mkdir()
-        model = onnx.load(str(fp32_path))
-        summary, calibration, embedding_note, torch_model = None, None, None, None
-        if cfg.quant in ("int4", "int8"):
-            hessians = None
-            if cfg.algo == "gptq":  # the PyTorch model calibrates here, then serves the report
-                torch_model = load_model(model_dir).eval()
-                hessians, calibration = _gptq_hessians(torch_model, tokenizer, model, cfg, log)
-            summary = quantize_weights(model, cfg, hessians)
-            del hessians
-        elif cfg.quant == "int8-dynamic":
-            model = quantize_int8_dynamic(model, work)
-            head = quantize_weights(model, cfg)  # what is left: the LM head, per --lm-head
-            summary = QuantSummary({"int8-dynamic": sum(n.op_type == "MatMulInteger"
-                                                        for n in model.graph.node),
-                                    **head.quantized}, head.kept)
-        if cfg.embedding != "fp32":
-            embedding_note = quantize_embedding(model, cfg)
-        _save_onnx(model, bundle / DECODER)
-        del model
+        summary, calibration, embedding_note = _decoder(model_dir, bundle, work, cfg, log)
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy(model_dir / name, bundle / name)
@@ -181,22 +175,13 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
             json.dumps(genai_config(hf_cfg, tokenizer, context), indent=2) + "\n")
 
         token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"][:context] for t in texts]
-        fp32_dec = OrtDecoder(str(fp32_path))
-        torch_model = torch_model if torch_model is not None else load_model(model_dir).eval()
         report = {"quantization": quantization_spec(cfg, calibration),
-                  "onnx_fp32_vs_torch": torch_vs_onnx(torch_model, fp32_dec, token_lists,
-                                                      cfg.report_tokens)}
-        del torch_model
-        if cfg.quant != "none" or cfg.embedding != "fp32":
-            report["quant_vs_fp32"] = quant_vs_fp32(fp32_dec, OrtDecoder(str(bundle / DECODER)),
-                                                    token_lists)
-        if summary is not None:
-            report["matmuls_quantized"] = summary.quantized
-            report["kept_fp32"] = summary.kept
+                  **parity_report(model_dir, bundle / DECODER, token_lists, cfg)}
+        report["matmuls_quantized"] = summary.quantized
+        report["kept_fp32"] = summary.kept
         if embedding_note:
             report["embedding"] = embedding_note
-        report["fp32_onnx_weight_bytes"] = dir_bytes(work / "fp32") - sum(
-            (work / "fp32" / n).stat().st_size for n in TOKENIZER_FILES if (work / "fp32" / n).exists())
+        report["fp32_weight_bytes"] = fp32_weight_bytes(model_dir)
         report["eval_texts"] = len(token_lists)
         report["file_bytes"] = {k: v["bytes"] for k, v in file_table(bundle).items()}
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -214,12 +199,10 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
             "tokenizer": {"file": "tokenizer.json", "eos_token_ids": _eos_ids(model_dir, tokenizer),
                           "bos_token_id": tokenizer.bos_token_id,
                           "chat_template": tokenizer.chat_template or tok_cfg.get("chat_template")},
-            "report": {k: report[k] for k in ("onnx_fp32_vs_torch", "quant_vs_fp32") if k in report},
+            "report": {k: report[k] for k in ("onnx_vs_torch", "quant_vs_fp32") if k in report},
         })
         log(format_report(report))
         commit_dir(bundle, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-

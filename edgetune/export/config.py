@@ -39,6 +39,10 @@ class ExportConfig:
     """JSONL (or .txt) held-out text for the parity report; default: the bundled task."""
     report_tokens: int = 32
     """Greedy steps compared between PyTorch and ONNX fp32."""
+    report_ort_bytes: int = 1_000_000_000
+    """The report runs ONNX Runtime on the bundle (graph parity) only when its weight data
+    is at most this many bytes: a session holds all of it, which at Phi-3-mini size would
+    break the export's memory bound; ``edgetune eval`` runs it separately."""
     opset: int = 18
     """ONNX opset of the exported decoder."""
     calib_data: str | None = None

@@ -49,8 +49,10 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
-def _q4(w: np.ndarray, prefix: str, cfg: ExportConfig, hessians: dict | None) -> kernels.Q4Weight:
-    """4-bit blocks of one (K, N) weight by ``cfg.algo``."""
+def q4_blocks(w: np.ndarray, name: str, cfg: ExportConfig,
+              hessian: np.ndarray | None = None) -> kernels.Q4Weight:
+    """4-bit blocks of one (K, N) weight (or a chunk of its N columns) by ``cfg.algo``;
+    GPTQ needs the (K, K) ``hessian`` of the projection's inputs."""
     if cfg.algo == "hqq":
         from .hqq import hqq_quantize
 
@@ -58,13 +60,19 @@ def _q4(w: np.ndarray, prefix: str, cfg: ExportConfig, hessians: dict | None) ->
     if cfg.algo == "gptq":
         from .gptq import gptq_quantize
 
-        module = prefix.removesuffix(".weight")
-        if hessians is None or module not in hessians:
-            raise ModelError(f"GPTQ: no calibration inputs for {module} (the ONNX MatMul names "
-                             "must match the PyTorch module names)")
-        return gptq_quantize(w, hessians[module], cfg.block_size, cfg.symmetric,
+        if hessian is None:
+            raise ModelError(f"GPTQ: no calibration inputs for {name}")
+        return gptq_quantize(w, hessian, cfg.block_size, cfg.symmetric,
                              damp=cfg.gptq_damp, act_order=cfg.act_order)
     return kernels.q4_quantize(w, cfg.block_size, cfg.symmetric)
+
+
+def _q4(w: np.ndarray, prefix: str, cfg: ExportConfig, hessians: dict | None) -> kernels.Q4Weight:
+    module = prefix.removesuffix(".weight")
+    if cfg.algo == "gptq" and (hessians is None or module not in hessians):
+        raise ModelError(f"GPTQ: no calibration inputs for {module} (the ONNX MatMul names "
+                         "must match the PyTorch module names)")
+    return q4_blocks(w, prefix, cfg, hessians.get(module) if hessians else None)
 
 
 def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig,

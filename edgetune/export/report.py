@@ -1,8 +1,10 @@
 """The export's parity report: how much of the fp32 model each stage kept.
 
-* fp32 ONNX vs PyTorch: max |Δlogit|, relative logit error, greedy tokens over N steps;
-* quantized ONNX vs fp32 ONNX: top-1 next-token agreement, perplexity and the mean
-  KL divergence of the next-token distributions on held-out text;
+* ONNX vs PyTorch: ONNX Runtime on the bundle against PyTorch running the bundle's own
+  (dequantized) weights: max |Δlogit|, relative logit error, greedy tokens over N steps;
+* quantized vs fp32: top-1 next-token agreement, perplexity and the mean KL divergence of
+  the next-token distributions on held-out text, both models run layer by layer from the
+  checkpoint and the bundle (``layerwise.py``), one layer's weights in memory at a time;
 * size of every file.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 from ..data import load_examples, smart_home
 from ..errors import ConfigError
 from ..runtime.ort_backend import OrtDecoder
+from .config import ExportConfig
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
@@ -77,36 +80,69 @@ def onnx_greedy(decoder: OrtDecoder, ids: list[int], steps: int) -> list[int]:
     return out
 
 
-def torch_vs_onnx(model, decoder: OrtDecoder, token_lists: list[list[int]], steps: int) -> dict:
-    """fp32 ONNX against the PyTorch model it came from."""
-    import torch
+def fp32_weight_bytes(model_dir: Path) -> int:
+    """What the checkpoint's weights take in fp32 (the size a quantized bundle is judged by)."""
+    from ..tensors import SafetensorsSource
 
-    max_abs, max_rel = 0.0, 0.0
-    with torch.no_grad():
-        for ids in token_lists[:8]:
-            ref = model(torch.tensor([ids])).logits[0].float().numpy()
-            got = logits_over(decoder, ids)
-            max_abs = max(max_abs, float(np.abs(got - ref).max()))
-            max_rel = max(max_rel, float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12)))
-        prompt = token_lists[0][: max(4, len(token_lists[0]) // 2)]
-        seq = list(prompt)
-        for _ in range(steps):  # plain argmax, nothing suppressed (generate() would hide eos)
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-        ref_tokens = seq[len(prompt):]
-    got_tokens = onnx_greedy(decoder, prompt, steps)
-    return {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel,
-            "greedy_steps": steps, "greedy_tokens_equal": ref_tokens == got_tokens}
+    return 4 * sum(t.numel for t in SafetensorsSource(model_dir).tensors.values())
 
 
-def quant_vs_fp32(fp32: OrtDecoder, quant: OrtDecoder, token_lists: list[list[int]]) -> dict:
-    """Top-1 agreement, perplexity and KL(fp32 || quantized) of the quantized decoder.
+def parity_report(model_dir: Path, decoder: Path, token_lists: list[list[int]],
+                  cfg: ExportConfig) -> dict:
+    """``onnx_vs_torch``: ONNX Runtime on the bundle against PyTorch running the same
+    (dequantized) weights — is the graph right; ``quant_vs_fp32``: the quantized weights
+    against the checkpoint's, both run by PyTorch layer by layer — what quantization cost.
+    One layer's weights in memory at a time; ONNX Runtime runs only when the bundle's data
+    is at most ``cfg.report_ort_bytes`` (a session holds all of it).
 
-    Perplexity moves both ways by noise on a few thousand tokens; the KL divergence is the
-    steadier measure of how far the quantized next-token distribution is from fp32's."""
+    Greedy parity without decoding in PyTorch: ONNX Runtime decodes ``report_tokens``
+    greedy tokens, then one PyTorch pass over prompt + tokens checks that each token is
+    PyTorch's argmax at its position (the same as equal greedy sequences)."""
+    from . import layerwise
+    from .readback import BundleWeights
+
+    dynamic = cfg.quant == "int8-dynamic"  # activations quantized per tensor: no PyTorch twin
+    quantized = cfg.quant != "none" or cfg.embedding != "fp32"
+    weights = BundleWeights(decoder).get if quantized and not dynamic else None
+    out: dict = {}
+    if weights is not None:
+        out["quant_vs_fp32"] = layerwise.parity(model_dir, token_lists, weights).metrics
+    data = decoder.parent / (decoder.name + ".data")
+    size = data.stat().st_size if data.is_file() else 0
+    if size > cfg.report_ort_bytes:
+        out["onnx_vs_torch"] = {"skipped": f"bundle data {size / 1e9:.2f} GB > report_ort_bytes "
+                                           f"{cfg.report_ort_bytes / 1e9:.2f} GB"}
+        return out
+    dec = OrtDecoder(str(decoder))
+    if dynamic:
+        out["quant_vs_fp32"] = quant_vs_ort(layerwise.logits(model_dir, token_lists), dec, token_lists)
+        return out
+    prompt = token_lists[0][: max(4, len(token_lists[0]) // 2)]
+    steps = cfg.report_tokens
+    got_tokens = onnx_greedy(dec, prompt, steps)
+    checked = token_lists[:4]
+    ref = list(layerwise.logits(model_dir, [*checked, prompt + got_tokens[:-1]], weights))
+    max_abs = max_rel = 0.0
+    for ids, lr in zip(checked, ref):
+        diff = float(np.abs(logits_over(dec, ids) - lr).max())
+        max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / (float(np.abs(lr).max()) + 1e-12))
+    ref_tokens = ref[-1][len(prompt) - 1:].argmax(-1).tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), steps)
+    out["onnx_vs_torch"] = {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel,
+                            "greedy_steps": steps, "greedy_tokens_equal": agree == steps,
+                            "greedy_tokens_agree": agree,
+                            "weights": "dequantized from the bundle" if weights else "checkpoint"}
+    return out
+
+
+def quant_vs_ort(fp32_logits, quant: OrtDecoder, token_lists: list[list[int]]) -> dict:
+    """Top-1 agreement, perplexity and KL(fp32 || quantized) of a decoder PyTorch cannot
+    run (int8-dynamic), against the fp32 reference's logits (an iterator, one (T, V) a
+    sequence, as ``layerwise.logits`` yields them)."""
     agree = total = 0
     nll_f = nll_q = kl = 0.0
-    for ids in token_lists:
-        lf, lq = logits_over(fp32, ids), logits_over(quant, ids)
+    for ids, lf in zip(token_lists, fp32_logits):
+        lq = logits_over(quant, ids)
         agree += int((lf[:-1].argmax(-1) == lq[:-1].argmax(-1)).sum())
         total += len(ids) - 1
         tgt = np.array(ids[1:])
@@ -121,9 +157,11 @@ def quant_vs_fp32(fp32: OrtDecoder, quant: OrtDecoder, token_lists: list[list[in
 
 def format_report(report: dict) -> str:
     lines = ["parity report"]
-    t = report.get("onnx_fp32_vs_torch")
-    if t:
-        lines.append(f"  fp32 ONNX vs PyTorch   max|Δlogit| {t['max_abs_logit_diff']:.2e}  "
+    t = report.get("onnx_vs_torch")
+    if t and "skipped" in t:
+        lines.append(f"  ONNX vs PyTorch        skipped: {t['skipped']}")
+    elif t:
+        lines.append(f"  ONNX vs PyTorch        max|Δlogit| {t['max_abs_logit_diff']:.2e}  "
                      f"rel {t['max_rel_logit_diff']:.2e}  greedy {t['greedy_steps']} tokens "
                      f"{'equal' if t['greedy_tokens_equal'] else 'DIFFER'}")
     q = report.get("quant_vs_fp32")

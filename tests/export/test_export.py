@@ -41,7 +41,7 @@ def test_int4_weights_smaller_than_fp32(int4_bundle):
     report = json.loads((int4_bundle / "report.json").read_text())
     data = report["file_bytes"]["model.onnx.data"]
     # the tiny model's fp32 embedding table dominates; the projections themselves are 4-bit
-    assert data <= 0.35 * report["fp32_onnx_weight_bytes"]
+    assert data <= 0.35 * report["fp32_weight_bytes"]
 
 
 def test_verify_names_the_damaged_file(int4_bundle, tmp_path):
@@ -102,16 +102,14 @@ def test_bad_model_dirs_fail_clearly_and_leave_nothing(merged_model, tmp_path):
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())
 
 
-def test_onnx_decoder_matches_torch_with_kv_cache(merged_model, int4_bundle):
-    """The fp32 export path, token by token through the KV cache, against PyTorch."""
+def test_onnx_decoder_matches_torch_with_kv_cache(merged_model, fp32_bundle):
+    """The fp32 export, token by token through the KV cache, against PyTorch."""
     import torch
 
-    from edgetune.export.onnx_export import optimum_export
     from edgetune.models import load_model
     from edgetune.runtime.ort_backend import OrtDecoder
 
-    onnx_path = optimum_export(merged_model, int4_bundle.parent / "fp32-check", 18)
-    dec = OrtDecoder(str(onnx_path))
+    dec = OrtDecoder(str(fp32_bundle / "model.onnx"))
     ids = [5, 17, 300, 42, 9, 1000, 7]
     logits, past = dec.forward(np.array([ids[:4]]))
     steps = [logits[0, -1]]
