@@ -251,6 +251,14 @@ def _bench(args, log):
             return report
         print(format_results(report))
         return 0
+    if args.what == "scale":
+        from .bench import scale
+
+        report = scale.bench(_scale_config(args), log=log)
+        if args.json:
+            return report
+        print(scale.format_results(report))
+        return 0
     if args.what == "kernels":
         from .bench.kernels import bench, format_results
 
@@ -264,7 +272,7 @@ def _bench(args, log):
     else:
         from .bench.train import bench, format_results
 
-        results = bench(hidden=args.hidden, layers=4 if args.quick else 16,
+        results = bench(hidden=args.hidden or 1024, layers=4 if args.quick else 16,
                         rounds=1 if args.quick else 2,
                         checkpointing=args.gradient_checkpointing, log=log)
         rows = results
@@ -272,6 +280,19 @@ def _bench(args, log):
         return {"benchmark": args.what, "results": rows}
     print(format_results(results))
     return 0
+
+
+def _scale_config(args):
+    """bench scale's flags -> ScaleConfig (unset flags keep its Phi-3-mini defaults)."""
+    from .bench.scale import ScaleConfig, parse_list
+
+    given = {k: v for k, v in (("hidden", args.hidden), ("intermediate", args.intermediate),
+                               ("heads", args.heads), ("kv_heads", args.kv_heads),
+                               ("vocab", args.vocab), ("prompt_tokens", args.prompt_tokens),
+                               ("new_tokens", args.new_tokens)) if v is not None}
+    return ScaleConfig(layers=parse_list(args.layers, "layers", int),
+                       stages=parse_list(args.stages, "stages"), threads=args.threads,
+                       keep=args.keep, **given)
 
 
 def cmd_quickstart(args) -> int:
@@ -326,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="export to an ONNX bundle (int4 by default)",
-                       description="Optimum ONNX export with KV cache, weight quantization, a "
+                       description="Streamed ONNX export (decoder with KV cache, weights quantized as they are read), a "
                        "parity report, and a verified bundle.")
     p.add_argument("model", help="merged HF model dir (with --target fpga also a bundle)")
     p.add_argument("--out", required=True, help="bundle dir to create")
@@ -397,8 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "peak RSS, decode bandwidth utilisation). train: QLoRA/QDoRA step time and peak RSS on a "
                        "~330M-parameter Phi-3-shaped model vs fp32 LoRA and PEFT + bitsandbytes. "
                        "dist: per-rank weight/gradient/optimizer bytes and step time of ddp, "
-                       "fsdp and DeepSpeed ZeRO 1/2/3 with --nproc processes.")
-    p.add_argument("what", choices=("kernels", "runtime", "train", "dist"))
+                       "fsdp and DeepSpeed ZeRO 1/2/3 with --nproc processes. scale: peak RSS "
+                       "and time of export, merge, a QLoRA step and decode, each in its own "
+                       "process, on random Phi-3-mini-width models at --layers layer counts, "
+                       "with the per-layer slope and the extrapolation to Phi-3-mini and "
+                       "Phi-3-medium against the memory targets.")
+    p.add_argument("what", choices=("kernels", "runtime", "train", "dist", "scale"))
     p.add_argument("bundle", nargs="?", help="runtime: the bundle to run (default: a cached "
                    "~0.55B-parameter Phi-3-shaped int4 bundle with random weights, built once)")
     p.add_argument("--threads", type=int, default=2, help="runtime: threads per backend")
@@ -409,9 +434,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels: one shape, batch 1, 2 threads; train: 4 layers instead of 16; "
                    "dist: a 4-layer model, ddp / zero2 / zero3 only")
     p.add_argument("--nproc", type=int, default=2, help="dist: processes per strategy")
-    p.add_argument("--hidden", type=int, default=1024,
-                   help="train: hidden size of the benchmark model (1024: ~330M parameters, "
-                   "1536: ~700M; intermediate 4x, 16 layers)")
+    p.add_argument("--hidden", type=int,
+                   help="train: hidden size of the benchmark model (default 1024: ~330M "
+                   "parameters, 1536: ~700M; intermediate 4x, 16 layers); scale: hidden size "
+                   "of the random models (default 3072, Phi-3-mini's)")
+    p.add_argument("--layers", default="2,4,8",
+                   help="scale: layer counts to measure (default 2,4,8; 32: the full Phi-3-mini, "
+                   "7.6 GB of bf16 on disk)")
+    p.add_argument("--stages", default="export,merge,qlora-step,decode",
+                   help="scale: stages to measure (default all: export,merge,qlora-step,decode)")
+    p.add_argument("--intermediate", type=int, help="scale: MLP width (default 8192)")
+    p.add_argument("--heads", type=int, help="scale: attention heads (default 32)")
+    p.add_argument("--kv-heads", type=int, help="scale: key/value heads (default: --heads)")
+    p.add_argument("--vocab", type=int, help="scale: vocabulary size (default 32064, >= 2048)")
+    p.add_argument("--keep", action="store_true",
+                   help="scale: keep every stage's output (bundles, merged models, runs)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="train: gradient checkpointing in every setup (activation memory "
                    "then no longer hides the weights' share of peak RSS)")

@@ -32,6 +32,7 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.fl
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+_WRITE_CHUNK = 1 << 22  # values converted and written at a time
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,9 @@ class SafetensorsWriter:
         if name != want or tuple(x.shape) != shape:
             raise ValueError(f"{self.path}: expected {want} {list(shape)} next, got {name} "
                              f"{list(x.shape)}")
-        self._f.write(memoryview(_narrow(x, dtype).reshape(-1).view(np.uint8)))
+        flat = x.reshape(-1)
+        for a in range(0, flat.size, _WRITE_CHUNK):  # converted piecewise: no full-size temporaries
+            self._f.write(memoryview(_narrow(flat[a:a + _WRITE_CHUNK], dtype).view(np.uint8)))
         self._next += 1
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import onnx
 
-from ..bundle import commit_dir, dir_bytes, file_table, write_manifest
+from ..bundle import commit_dir, file_table, write_manifest
 from ..errors import ConfigError, OutputExistsError
 from ..models import check_model_dir, load_tokenizer
 from .config import ExportConfig

@@ -123,11 +123,11 @@ def parity_report(model_dir: Path, decoder: Path, token_lists: list[list[int]],
     checked = token_lists[:4]
     ref = list(layerwise.logits(model_dir, [*checked, prompt + got_tokens[:-1]], weights))
     max_abs = max_rel = 0.0
-    for ids, lr in zip(checked, ref):
+    for ids, lr in zip(checked, ref, strict=False):
         diff = float(np.abs(logits_over(dec, ids) - lr).max())
         max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / (float(np.abs(lr).max()) + 1e-12))
     ref_tokens = ref[-1][len(prompt) - 1:].argmax(-1).tolist()
-    agree = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens)) if a != b), steps)
+    agree = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens, strict=False)) if a != b), steps)
     out["onnx_vs_torch"] = {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel,
                             "greedy_steps": steps, "greedy_tokens_equal": agree == steps,
                             "greedy_tokens_agree": agree,
@@ -141,7 +141,7 @@ def quant_vs_ort(fp32_logits, quant: OrtDecoder, token_lists: list[list[int]]) -
     sequence, as ``layerwise.logits`` yields them)."""
     agree = total = 0
     nll_f = nll_q = kl = 0.0
-    for ids, lf in zip(token_lists, fp32_logits):
+    for ids, lf in zip(token_lists, fp32_logits, strict=True):
         lq = logits_over(quant, ids)
         agree += int((lf[:-1].argmax(-1) == lq[:-1].argmax(-1)).sum())
         total += len(ids) - 1

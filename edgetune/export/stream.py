@@ -115,7 +115,7 @@ class DecoderWriter:
             if q.zero_points is not None:
                 inputs.append(b.add_init(f"{prefix}_zp", q.zero_points.reshape(-1)))
             if self.gptq is not None and not head:
-                self.gptq.quantized(module, kernels.q4_dequantize(q))
+                self.gptq.quantized(module, q)
         else:
             codes, scales = self._q8(name, k, n)
             inputs = [b.add_init(f"{prefix}_Q8", codes), b.add_init(f"{prefix}_scales", scales.reshape(-1))]

@@ -3,7 +3,9 @@
 Llama / Phi-3 / Mistral / Qwen2: RMSNorm -> attention (rotary embeddings, Phi-3 longrope,
 grouped-query attention over a preallocated KV cache) -> RMSNorm -> SwiGLU MLP, every
 projection a Q4 x Q8 GEMV/GEMM (``edgetune.kernels``) over the bundle's own MatMulNBits
-weights, memory-mapped. The prompt is one batched pass (GEMM), decoding one token a pass.
+weights, memory-mapped. A tied LM head (Qwen2.5, Llama-3.2) multiplies by the embedding
+table's own bytes, whatever its format (``Embedding.as_head``), never by a transposed copy.
+The prompt is one batched pass (GEMM), decoding one token a pass.
 ``integer=True`` runs the Q4 projections through the fixed-point datapath the FPGA kernels
 implement (kernels/fixed_point.py), bit-exact with the HLS C simulation.
 Same interface as ``OrtDecoder``: ``forward(input_ids (1, T), past) -> logits, past``.
@@ -20,7 +22,7 @@ import numpy as np
 from .. import kernels
 from ..errors import BundleError
 from ..kernels import fixed_point as fx
-from .weights import Linear, OnnxWeights
+from .weights import Linear, OnnxWeights, unique_nbytes
 
 FAMILIES = ("llama", "phi3", "mistral", "qwen2")
 
@@ -34,6 +36,16 @@ def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buf, np.float32, count).reshape(shape)
+
+
+def q8_round_trip(x: np.ndarray, block: int) -> np.ndarray:
+    """x (T, K) rounded to per-block int8 and back (kernels' Q8): with it the 8-bit GEMM
+    computes what ONNX Runtime's accuracy_level 4 does (int8 x int8 block sums, then both
+    scales); with fp32 activations the logits of an 8-bit LM head differ from ORT's by ~0.5 %,
+    enough to change greedy tokens."""
+    t, k = x.shape
+    q, s = kernels.reference.q8_quantize(x, block)
+    return (q.reshape(t, k // block, block) * s[:, :, None]).reshape(t, k)
 
 
 class KVCache:
@@ -120,10 +132,12 @@ class NativeDecoder:
                        self.w.module_vector(f"model.layers.{i}.post_attention_layernorm", self.h))
                       for i in range(self.n_layers)]
         self.final_norm = self.w.module_vector("model.norm", self.h)
-        if "lm_head" not in self.lin:
-            raise BundleError(f"{bundle}: no lm_head projection found (tied embeddings are not "
-                              "supported by the native backend)")
-        self.weight_bytes = sum(lin.nbytes for lin in self.lin.values()) + self.embed.nbytes
+        if "lm_head" not in self.lin:  # a tied head the graph does not spell out: the table
+            if not arch.get("tie_word_embeddings"):
+                raise BundleError(f"{bundle}: no lm_head projection found, and the model does "
+                                  "not tie its LM head to the embedding (tie_word_embeddings)")
+            self.lin["lm_head"] = self.embed.as_head()
+        self.weight_bytes = unique_nbytes([*self.lin.values(), self.embed])
         self.fixed = {name: fx.fixed_scales(lin.q4) for name, lin in self.lin.items()
                       if integer and lin.kind == "q4"}
         # each projection's GEMM bound once: weight checks and dispatch out of the token loop
@@ -141,6 +155,8 @@ class NativeDecoder:
             y = np.stack([fx.q4q8_gemv_fixed_fast(lin.q4, ws_fx, ws_frac,
                                                   fx.fixed_activation(row, lin.q4.block))
                           for row in x]).astype(np.float32) / np.float32(2.0**fx.OUT_FRAC)
+        elif lin.kind == "q8" and lin.int8_activations:
+            y = self.gemm[name](q8_round_trip(x, lin.q8_codes.shape[2]))
         elif lin.kind in ("q4", "q8"):
             y = self.gemm[name](x)
         else:

@@ -1,4 +1,15 @@
-"""ONNX Runtime backend: the bundle's decoder with KV cache in an InferenceSession."""
+"""ONNX Runtime backend: the bundle's decoder with KV cache in an InferenceSession.
+
+Memory, as measured on a 4-layer Phi-3-mini-width int4 bundle (ONNX Runtime 1.32): external
+data is memory-mapped, and each MatMulNBits weight is prepacked into ONNX Runtime's own
+buffers (about 1.15x its bytes: MLAS adds block sums) and its mapping released, so resident
+memory is about the packed projections plus the embedding rows looked up. The one session
+option that avoids the packed copy, ``session.disable_prepacking``, makes every step
+dequantize each weight whole (~100x slower decoding), so none is set. An fp32 tied head,
+MatMul(x, Transpose(table)), is constant-folded into a transposed copy of the table.
+The graph's Concat copies the whole KV cache into fresh ``present`` tensors every step;
+keeping them as OrtValues (IO binding) measured no faster and held more memory.
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ attributes (K, N, bits, block size).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,29 @@ _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.UINT8: np.uint8,
        onnx.TensorProto.FLOAT16: np.float16}
 
 
+def _stored(w) -> tuple[np.ndarray, ...]:
+    """The weight arrays a Linear or Embedding reads: packed codes, scales (and zero points),
+    or the fp32 matrix."""
+    if w.kind == "q4":
+        return tuple(a for a in (w.q4.packed, w.q4.scales, w.q4.zero_points) if a is not None)
+    if w.kind == "q8":
+        return w.q8_codes, w.q8_scales
+    return (w.f32,)
+
+
 def _stored_bytes(w) -> int:
     """Bytes a Linear or Embedding holds: packed codes and scales, or the fp32 table."""
-    if w.kind == "q4":
-        return w.q4.nbytes
-    if w.kind == "q8":
-        return w.q8_codes.nbytes + w.q8_scales.nbytes
-    return w.f32.nbytes
+    return sum(a.nbytes for a in _stored(w))
+
+
+def unique_nbytes(weights) -> int:
+    """Bytes of the Linears / Embeddings ``weights`` with storage they share counted once (a
+    tied LM head reads the embedding's own bytes)."""
+    seen: dict[tuple[int, int], int] = {}
+    for w in weights:
+        for a in _stored(w):
+            seen[(a.__array_interface__["data"][0], a.nbytes)] = a.nbytes
+    return sum(seen.values())
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,7 @@ class Linear:
     q8_scales: np.ndarray | None = None  # fp32 (N, K/block)
     f32: np.ndarray | None = None  # (K, N)
     bias: np.ndarray | None = None
+    int8_activations: bool = False  # MatMulNBits accuracy_level 4: x rounded to Q8 blocks
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +96,26 @@ class Embedding:
     def nbytes(self) -> int:
         return _stored_bytes(self)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(vocab, hidden) of the fp32 table this one stands for."""
+        if self.kind == "f32":
+            return self.f32.shape
+        if self.kind == "q8":
+            return self.q8_codes.shape[0], self.q8_codes.shape[1] * self.q8_codes.shape[2]
+        return self.q4.n, self.q4.k
+
+    def as_head(self) -> Linear:
+        """The table as a tied LM head, logits = x @ table.T, on the same bytes: fp32 (V, H)
+        as its transposed (K=H, N=V) view; 8-bit blocks (V, H/block, block) are byte for
+        byte a MatMulNBits weight with N=V, K=H, and so are the 4-bit ones."""
+        vocab, hidden = self.shape
+        if self.kind == "f32":
+            return Linear("f32", hidden, vocab, f32=self.f32.T)
+        if self.kind == "q8":
+            return Linear("q8", hidden, vocab, q8_codes=self.q8_codes, q8_scales=self.q8_scales)
+        return Linear("q4", hidden, vocab, q4=self.q4)
+
 
 class OnnxWeights:
     """Initializers of an ONNX model by name, external data memory-mapped."""
@@ -92,9 +129,14 @@ class OnnxWeights:
         # exporters share equal constants (e.g. freshly initialised norms) through Identity
         self.alias = {n.output[0]: n.input[0] for n in self.nodes if n.op_type == "Identity"}
 
-    def array(self, name: str) -> np.ndarray:
+    def _resolve(self, name: str) -> str:
+        """The initializer ``name`` stands for, through Identity aliases."""
         while name not in self.inits and name in self.alias:
             name = self.alias[name]
+        return name
+
+    def array(self, name: str) -> np.ndarray:
+        name = self._resolve(name)
         if name not in self.inits:
             raise BundleError(f"{self.path}: initializer {name!r} not found")
         t = self.inits[name]
@@ -111,9 +153,10 @@ class OnnxWeights:
         return raw[off:off + length].view(_NP[t.data_type]).reshape(tuple(t.dims))
 
     def has(self, name: str) -> bool:
-        while name not in self.inits and name in self.alias:
-            name = self.alias[name]
-        return name in self.inits
+        return self._resolve(name) in self.inits
+
+    def _is_matrix(self, name: str) -> bool:
+        return self.has(name) and len(self.inits[self._resolve(name)].dims) == 2
 
     def module_vector(self, module: str, size: int) -> np.ndarray:
         """The 1-D weight of ``module`` (e.g. 'model.layers.0.input_layernorm'): by its own
@@ -150,6 +193,10 @@ class OnnxWeights:
         return Embedding("q4", q4=Q4Weight(data.reshape(vocab, nb, block // 2), scales, zp,
                                            nb * block, vocab, block))
 
+    @staticmethod
+    def _perm(node) -> list[int] | None:
+        return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
     def linears(self) -> dict[str, Linear]:
         """Every MatMul / MatMulNBits over an initializer, keyed by module path
         ('model.layers.0.self_attn.qkv_proj', 'lm_head')."""
@@ -158,6 +205,10 @@ class OnnxWeights:
         for n in self.nodes:
             for i in n.input:
                 consumers.setdefault(i, []).append(n)
+        # a tied LM head as torch.onnx writes it: MatMul(x, Transpose(embed_tokens.weight))
+        transposed = {n.output[0]: n.input[0] for n in self.nodes
+                      if n.op_type == "Transpose" and self._is_matrix(n.input[0])
+                      and self._perm(n) in (None, [1, 0])}
         for node in self.nodes:
             path = ".".join(p for p in node.name.split("/") if p and not p.startswith("MatMul"))
             if node.op_type == "MatMulNBits":
@@ -173,11 +224,15 @@ class OnnxWeights:
                                                          np.ascontiguousarray(scales), zp, k, n, block))
                 elif bits == 8:
                     lin = Linear("q8", k, n, q8_codes=codes.reshape(n, k // block, block),
-                                 q8_scales=np.ascontiguousarray(scales))
+                                 q8_scales=np.ascontiguousarray(scales),
+                                 int8_activations=int(a.get("accuracy_level", 0)) == 4)
                 else:
                     raise BundleError(f"{self.path}: {node.name}: {bits}-bit weights not supported")
             elif node.op_type == "MatMul" and self.has(node.input[1]):
                 w = self.array(node.input[1])
+                lin = Linear("f32", w.shape[0], w.shape[1], f32=w)
+            elif node.op_type == "MatMul" and node.input[1] in transposed:
+                w = self.array(transposed[node.input[1]]).T  # (N, K) stored: a view, no copy
                 lin = Linear("f32", w.shape[0], w.shape[1], f32=w)
             else:
                 continue
@@ -187,5 +242,5 @@ class OnnxWeights:
                     other = [i for i in c.input if i != node.output[0]]
                     if other and self.has(other[0]):
                         bias = self.array(other[0])
-            out[path] = Linear(lin.kind, lin.k, lin.n, lin.q4, lin.q8_codes, lin.q8_scales, lin.f32, bias)
+            out[path] = replace(lin, bias=bias)
         return out

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from ..merge import ADAPTER_META  # noqa: F401  (edgetune's note beside a PEFT adapter)
 from .config import TrainConfig
 from .nf4 import quantize_model_nf4
-
-#: edgetune's note beside a PEFT adapter: method and how the base was quantized in training.
-ADAPTER_META = "edgetune_adapter.json"
 
 
 def lora_config(cfg: TrainConfig):
@@ -37,12 +35,24 @@ def for_nf4_base(config):
 
 
 def load_base(cfg: TrainConfig, dtype=None, device: str = "cpu"):
-    """The base model to train: NF4-quantized tensor by tensor while loading for qlora /
-    qdora (peak memory: the NF4 model plus one fp32 projection), as stored otherwise."""
+    """The base model to train. qlora / qdora: NF4-quantized while loading, with the frozen
+    embedding and LM head kept in the checkpoint's 16-bit dtype (peak memory: that model plus
+    one chunk of one projection; see ``load_model_nf4``). lora / dora: in ``dtype``."""
     from ..models import load_model
     from .nf4 import load_model_nf4
 
-    return (load_model_nf4 if cfg.quantized else load_model)(cfg.model, dtype=dtype, device=device)
+    if not cfg.quantized:
+        return load_model(cfg.model, dtype=dtype, device=device)
+    return load_model_nf4(cfg.model, dtype=dtype, device=device,
+                          adapter_targets=adapter_targets(cfg))
+
+
+def adapter_targets(cfg: TrainConfig) -> tuple[str, ...]:
+    """Module names the adapter is asked to wrap beyond PEFT's all-linear (which never takes
+    the embedding or the LM head)."""
+    if cfg.target_modules == "all-linear":
+        return ()
+    return tuple(m.strip() for m in cfg.target_modules.split(","))
 
 
 def wrap_with_adapter(model, cfg: TrainConfig):

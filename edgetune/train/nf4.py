@@ -10,8 +10,9 @@ weight alive between passes). It subclasses ``nn.Linear`` and exposes
 
 from __future__ import annotations
 
+import math
 import threading
-from pathlib import Path
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -63,6 +64,49 @@ def _scratch(numel: int, owner: "NF4Linear") -> tuple[np.ndarray, bool]:
     return buf[:numel], holds
 
 
+#: Values of a weight quantized at a time (a whole number of NF4 blocks): ~4 MB of fp32.
+QUANT_CHUNK = 1 << 20
+
+
+def _rows_per_block(shape: tuple[int, ...]) -> int:
+    """Rows per chunk of an (out, in) weight: about QUANT_CHUNK values, and a multiple of
+    the rows that make whole NF4 blocks, so chunks never split a block."""
+    cols = math.prod(shape[1:]) or 1
+    step = kernels.NF4_BLOCK // math.gcd(cols, kernels.NF4_BLOCK)
+    return max(step, QUANT_CHUNK // cols // step * step)
+
+
+def _row_blocks(w: np.ndarray):
+    rows = _rows_per_block(w.shape)
+    for start in range(0, w.shape[0], rows):
+        yield w[start:start + rows]
+
+
+def nf4_quantize_blocks(chunks: Iterable[np.ndarray], shape: tuple[int, ...]) -> NF4Tensor:
+    """``kernels.nf4_quantize`` of a weight given as consecutive blocks of rows (each a whole
+    number of NF4 blocks but the last), bit for bit: NF4 codes depend only on their block's
+    absmax, and the double quantization of the absmax runs once over all of them at the end.
+    The reference quantizer's temporaries are ~20 bytes a value, 1 GB for a Phi-3-mini MLP
+    projection at once; here they are those of one chunk."""
+    n = math.prod(shape)
+    packed = np.empty(-(-n // 2), np.uint8)
+    absmax, done = [], 0
+    for chunk in chunks:
+        if not np.isfinite(chunk).all():
+            raise ValueError("nf4_quantize: weight has NaN or infinite values")
+        blocks, am = reference.blockwise_absmax(chunk, kernels.NF4_BLOCK)
+        safe = np.where(am == 0, 1.0, am)
+        codes = reference.nearest_code(blocks / safe[:, None], kernels.NF4_CODE)
+        part = reference.pack_nibbles(codes.reshape(-1)[:chunk.size])
+        packed[done // 2:done // 2 + part.size] = part
+        absmax.append(am)
+        done += chunk.size
+    if done != n:
+        raise ValueError(f"nf4_quantize_blocks: got {done} values for shape {list(shape)}")
+    absmax_q, absmax_scale, offset = reference.quantize_absmax(np.concatenate(absmax))
+    return NF4Tensor(packed, absmax_q, absmax_scale, offset, tuple(shape))
+
+
 def nf4_matmul(x: torch.Tensor, module: "NF4Linear") -> torch.Tensor:
     """x @ dequant(W).T without the bias, differentiable in x."""
     return _NF4Matmul.apply(x, module)
@@ -99,11 +143,23 @@ class NF4Linear(nn.Linear):
         module._setup(weight, bias)
         return module
 
+    @classmethod
+    def from_nf4(cls, t: NF4Tensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.float32) -> "NF4Linear":
+        """An NF4Linear over an already quantized weight (see :func:`load_model_nf4`)."""
+        module = cls.__new__(cls)
+        module._setup_nf4(t, bias, compute_dtype, torch.device("cpu"))
+        return module
+
     def _setup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        w = weight.detach().float().cpu().numpy()
+        self._setup_nf4(nf4_quantize_blocks(_row_blocks(w), w.shape), bias, weight.dtype,
+                        weight.device)
+
+    def _setup_nf4(self, t: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                   device: torch.device) -> None:
         nn.Module.__init__(self)
-        self.out_features, self.in_features = weight.shape
-        t = kernels.nf4_quantize(weight.detach().float().cpu().numpy())
-        device = weight.device
+        self.out_features, self.in_features = t.shape
         # packed codes as the module's "weight" (uint8), as bitsandbytes' Params4bit does,
         # so PEFT moves adapters to its device but never treats it as a float weight
         self.weight = nn.Parameter(torch.from_numpy(t.packed).to(device), requires_grad=False)
@@ -114,7 +170,7 @@ class NF4Linear(nn.Linear):
         self.bias = None
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.compute_dtype = weight.dtype
+        self.compute_dtype = compute_dtype
 
     @property
     def W_q(self) -> torch.Tensor:  # noqa: N802 - the name PEFT looks for
@@ -187,56 +243,82 @@ def quantize_model_nf4(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_model_nf4(model_dir, dtype=None, device: str = "cpu") -> nn.Module:
-    """Load a causal LM with its decoder projections quantized to NF4 tensor by tensor.
+def _read(src, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+          keep_narrow: bool) -> torch.Tensor:
+    """One checkpoint tensor as torch, in ``dtype`` or, with ``keep_narrow``, as stored when
+    that is a narrower float (bf16 / fp16 under fp32 compute)."""
+    info = src.expect(key, shape)
+    raw = src.raw(key)
+    t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if info.dtype == "BF16" \
+        else torch.from_numpy(raw)
+    if keep_narrow and t.is_floating_point() and t.element_size() < dtype.itemsize:
+        return t
+    return t.to(dtype)
 
-    ``from_pretrained`` followed by quantization holds the whole fp32 model at once; here
-    the model is built without storage (accelerate's ``init_empty_weights``), each projection
-    is read from the safetensors files and quantized on its own, and only the other
-    parameters (embeddings, norms, LM head) are materialized in ``dtype``. Peak memory is the
-    NF4 model plus one fp32 projection. Checkpoints whose tensor names do not match the
-    model's modules fall back to loading in full and quantizing after.
+
+def _set_param(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module, _, name = key.rpartition(".")
+    setattr(model.get_submodule(module) if module else model, name,
+            nn.Parameter(value, requires_grad=False))
+
+
+def load_model_nf4(model_dir, dtype=None, device: str = "cpu", keep_stored: bool = True,
+                   adapter_targets: tuple[str, ...] = ()) -> nn.Module:
+    """Load a causal LM with its decoder projections quantized to NF4 while reading.
+
+    The model is built without storage (accelerate's ``init_empty_weights``); each
+    projection is read from the safetensors a few rows at a time (``SafetensorsSource``) and
+    quantized, so no projection, let alone the model, exists in fp32. Norms and biases are
+    read in ``dtype``. The frozen embedding and LM head stay in the checkpoint's 16-bit dtype
+    (``edgetune.train.head``; ``keep_stored=False``: in ``dtype``), except those named in
+    ``adapter_targets``, which an adapter will wrap. Peak memory: the NF4 model, the stored
+    vocabulary tables and one chunk of one projection. A tensor the model needs and the
+    checkpoint lacks (or has in another shape) is a ModelError naming it: nothing falls back
+    to loading the full model.
     """
     from accelerate import init_empty_weights
-    from safetensors import safe_open
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import check_model_dir, load_model
+    from ..errors import ModelError
+    from ..models import check_model_dir
+    from ..tensors import SafetensorsSource
+    from .head import keep_stored_vocab
 
     check_model_dir(model_dir)
+    src = SafetensorsSource(model_dir)
     dtype = dtype or torch.float32
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    targets = set(linear_targets(model))
-    expected = {n for n, _ in model.named_parameters()}
-    rest: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-        for key in keys:
-            # one mapping per tensor: pages of a file mapped for the whole loop would stay
-            # resident (and count in RSS) until the end, i.e. the full fp checkpoint
-            with safe_open(str(path), framework="pt") as f:
-                tensor = f.get_tensor(key).to(dtype)
-            module, _, kind = key.rpartition(".")
-            if module in targets and kind == "weight":
-                _set_module(model, module, NF4Linear.from_weight(tensor))
-            elif module in targets and kind == "bias":
-                biases[module] = tensor
-            elif key in expected:
-                rest[key] = tensor
-            del tensor
-    if any(not isinstance(model.get_submodule(t), NF4Linear) for t in targets):
-        return quantize_model_nf4(load_model(model_dir, dtype=dtype, device=device))
-    for module, b in biases.items():
-        model.get_submodule(module).bias = nn.Parameter(b, requires_grad=False)
-    model.load_state_dict(rest, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    if any(p.is_meta for p in model.parameters()):
-        return quantize_model_nf4(load_model(model_dir, dtype=dtype, device=device))
+    model.tie_weights()  # a tied LM head is the embedding's Parameter, read once
+    for name in tqdm(linear_targets(model), desc="load nf4", unit="proj", leave=False,
+                     disable=None):
+        mod = model.get_submodule(name)
+        shape = (mod.out_features, mod.in_features)
+        key = f"{name}.weight"
+        src.expect(key, shape)
+        rows = _rows_per_block(shape)
+        chunks = (src.array(key, rows=(a, min(a + rows, shape[0])))
+                  for a in range(0, shape[0], rows))
+        try:
+            t = nf4_quantize_blocks(chunks, shape)
+        except ValueError as e:
+            raise ModelError(f"{src.info(key).file}: tensor {key!r}: {e}") from None
+        bias = None if mod.bias is None else _read(src, f"{name}.bias", (shape[0],), dtype, False)
+        _set_module(model, name, NF4Linear.from_nf4(t, bias, dtype))
+    vocab = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        vocab.add(id(model.get_output_embeddings().weight))
+    for key, p in list(model.named_parameters()):
+        if p.is_meta:  # tied weights are listed once, under the embedding's name
+            _set_param(model, key, _read(src, key, tuple(p.shape), dtype,
+                                         keep_stored and id(p) in vocab))
+    model.tie_weights()  # again, to the loaded Parameter (only where config.json ties)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ModelError(f"{model_dir}: no weights for {', '.join(missing[:5])}")
+    keep_stored_vocab(model, dtype, adapter_targets)
     return model.to(device)
 
 
@@ -246,6 +328,7 @@ def nf4_roundtrip_weights(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name in linear_targets(model):
             mod = model.get_submodule(name)
-            t = kernels.nf4_quantize(mod.weight.detach().float().cpu().numpy())
+            w = mod.weight.detach().float().cpu().numpy()
+            t = nf4_quantize_blocks(_row_blocks(w), w.shape)  # = kernels.nf4_quantize(w)
             mod.weight.copy_(torch.from_numpy(kernels.nf4_dequantize(t)))
     return model

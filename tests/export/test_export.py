@@ -14,9 +14,10 @@ from edgetune.export import ExportConfig, export
 
 def test_int4_bundle_report_and_manifest(int4_bundle):
     report = json.loads((int4_bundle / "report.json").read_text())
-    parity = report["onnx_fp32_vs_torch"]
+    parity = report["onnx_vs_torch"]  # ORT's int8 activations vs PyTorch on the same weights
     assert parity["greedy_tokens_equal"]
-    assert parity["max_rel_logit_diff"] <= 1e-4
+    assert parity["weights"] == "dequantized from the bundle"
+    assert parity["max_rel_logit_diff"] <= 5e-2
     q = report["quant_vs_fp32"]
     assert q["top1_agreement"] >= 0.95
     assert abs(q["ppl_change"]) <= 0.05
@@ -26,6 +27,13 @@ def test_int4_bundle_report_and_manifest(int4_bundle):
     assert {"model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json",
             "report.json"} <= files
     assert manifest["tokenizer"]["chat_template"]
+
+
+def test_fp32_bundle_matches_pytorch_to_float_rounding(fp32_bundle):
+    parity = json.loads((fp32_bundle / "report.json").read_text())["onnx_vs_torch"]
+    assert parity["weights"] == "checkpoint"
+    assert parity["max_rel_logit_diff"] <= 1e-4, parity
+    assert parity["greedy_tokens_equal"]
 
 
 def test_int4_graph_uses_matmulnbits_with_int8_head(int4_bundle):

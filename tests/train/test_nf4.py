@@ -65,3 +65,21 @@ def test_peft_lora_and_dora_wrap_it():
         trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
         assert any("lora_A" in n for n in trainable)
         assert dora == any("magnitude" in n for n in trainable)
+
+
+def test_quantizing_in_row_blocks_is_bit_identical(monkeypatch):
+    """The streaming quantizer (load, merge's round trip) gives kernels.nf4_quantize's codes,
+    absmax and offset exactly, for widths that do and do not divide a 64-value block."""
+    from edgetune import kernels
+    from edgetune.train import nf4
+
+    monkeypatch.setattr(nf4, "QUANT_CHUNK", 640)  # many chunks even for small weights
+    rng = np.random.default_rng(3)
+    for shape in [(96, 128), (40, 72), (7, 9), (33, 320), (5, 321)]:
+        w = rng.standard_normal(shape).astype(np.float32)
+        w[0, :3] = 0  # a zero run
+        want = kernels.nf4_quantize(w)
+        got = nf4.nf4_quantize_blocks(nf4._row_blocks(w), w.shape)
+        for field in ("packed", "absmax_q", "absmax_scale"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        assert got.absmax_offset == want.absmax_offset and got.shape == want.shape
