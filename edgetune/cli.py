@@ -102,7 +102,7 @@ def cmd_export(args) -> int:
 
     cfg = ExportConfig(quant=args.quant, block_size=args.block_size, symmetric=args.symmetric,
                        accuracy_level=args.accuracy_level, lm_head=args.lm_head,
-                       eval_data=args.eval_data, algo=args.algo, embedding=args.embedding,
+                       eval_data=args.eval_data, eval_tokens=args.eval_tokens, algo=args.algo, embedding=args.embedding,
                        calib_data=args.calib_data, calib_tokens=args.calib_tokens,
                        act_order=args.act_order)
     out = export(args.model, args.out, cfg, force=args.force)
@@ -365,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-level", type=int, default=4, choices=range(5))
     p.add_argument("--lm-head", choices=("int8", "int4", "fp32"), default="int8")
     p.add_argument("--eval-data", help="held-out JSONL or .txt for the parity report")
+    p.add_argument("--eval-tokens", type=int, default=2048,
+                   help="held-out tokens the parity report scores at most (its cost: two "
+                   "forward passes over them, layer by layer)")
     # no argparse choices: ExportConfig names the bad value in one line (exit 2)
     p.add_argument("--algo", default="rtn", metavar="rtn|hqq|gptq",
                    help="how int4 blocks are chosen: round to nearest, half-quadratic (HQQ, no "

@@ -90,7 +90,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def _widen(raw: np.ndarray, dtype: str) -> np.ndarray:
+def widen(raw: np.ndarray, dtype: str) -> np.ndarray:
     """fp32 values of a stored array (bf16 held as uint16)."""
     if dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
@@ -166,7 +166,7 @@ class SafetensorsSource:
 
     def array(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """fp32 values of tensor ``name`` (or of rows [start, stop) of its first dim)."""
-        return _widen(self.raw(name, rows), self.info(name).dtype)
+        return widen(self.raw(name, rows), self.info(name).dtype)
 
     def dtype(self) -> str:
         """The checkpoint's floating dtype (of its largest tensor): F32, F16 or BF16."""

@@ -40,6 +40,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json", "config.json")
 
 
+def budget(token_lists: list[list[int]], tokens: int) -> list[list[int]]:
+    """The first sequences up to ``tokens`` tokens in all (the last one cut; none shorter
+    than 2 tokens, which score nothing)."""
+    out, left = [], tokens
+    for ids in token_lists:
+        if left < 2:
+            break
+        if len(ids) >= 2:
+            out.append(ids[:left])
+            left -= len(out[-1])
+    return out
+
+
 def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DECODER_DATA, size_threshold=1024)
@@ -174,7 +187,8 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
         (bundle / "genai_config.json").write_text(
             json.dumps(genai_config(hf_cfg, tokenizer, context), indent=2) + "\n")
 
-        token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"][:context] for t in texts]
+        token_lists = budget([tokenizer(t, add_special_tokens=False)["input_ids"][:context]
+                              for t in texts], cfg.eval_tokens)
         report = {"quantization": quantization_spec(cfg, calibration),
                   **parity_report(model_dir, bundle / DECODER, token_lists, cfg)}
         report["matmuls_quantized"] = summary.quantized

@@ -5,8 +5,9 @@ model: ``Layerwise`` builds the HF skeleton on the meta device (no weights), the
 decoder layer in turn reads that layer's tensors (fp32, from ``SafetensorsSource``), runs
 the hidden states of every sequence through HF's own layer module, and frees the layer
 again. Peak memory is one layer's fp32 weights (+ one replacement weight), the hidden
-states of all sequences, and one sequence's (T, V) logits per stream: flat in the number
-of layers.
+states of all sequences, one fp32 chunk of the LM head (which stays as stored: bf16 in the
+memory map, int8 codes from the bundle) and one group of sequences' logits per stream:
+flat in the number of layers.
 
     lw = Layerwise(model_dir)
     with torch.inference_mode():
@@ -64,6 +65,8 @@ PACK_TOKENS = 512  # sequences packed into rows of up to this many tokens (eager
 # holds heads x T^2 fp32 scores per row: 32 MB at 32 heads)
 READ_ELEMENTS = 1 << 22  # a bf16/fp16 checkpoint tensor is widened this many values at a time
 SCORE_ROWS = 64  # positions per chunk when scoring logits (fp64 log-softmax of (rows, V))
+HEAD_ROWS = 4096  # LM-head rows (vocabulary entries) widened to fp32 at a time (50 MB at 3072)
+GROUP_TOKENS = 512  # positions whose logits are computed together ((N, V) fp32: 66 MB at 32064)
 
 
 def as_weight_fn(weights: WeightFn | Mapping[str, np.ndarray] | None) -> WeightFn | None:
@@ -375,12 +378,14 @@ class Layerwise:
             norm = copy.deepcopy(self.model.model.norm)
             self._load_module(norm, "model.norm.", norm_params, weights)
         name, shape = "lm_head.weight", (self.vocab, self.hidden)
-        if weights is not None and (w := weights(name)) is not None:
-            return Head(norm, self._tensor(name, shape, lambda _n: w))
+        rows = _override_rows(weights, name, shape)
+        if rows is not None:
+            return Head(norm, rows)
         if like is not None:
             return Head(norm, like.weight)
         stored = "model.embed_tokens.weight" if self.config.tie_word_embeddings else name
-        return Head(norm, self._tensor(stored, shape, None))
+        self.source.expect(stored, shape)
+        return Head(norm, CheckpointRows(self.source, stored))
 
     def forward(self, token_lists: Sequence[Sequence[int]], weights: WeightFn | None = None,
                 desc: str = "layers") -> States:
@@ -403,26 +408,102 @@ class Layerwise:
         with torch_threads(), torch.inference_mode():
             states = self.forward(token_lists, weights)
             head = self.head(weights)
-        for j in range(len(states)):  # the settings are not left on while the caller runs
+        for group in token_groups([len(t) for t in token_lists]):
+            # the settings are not left on while the caller runs
             with torch_threads(), torch.inference_mode():
-                out = head.logits(states.sequence(j)).numpy()
-            yield out
+                out = head.logits_many([states.sequence(j) for j in group])
+            for lg in out:
+                yield lg.numpy()
+
+
+def token_groups(lengths: Sequence[int], tokens: int = GROUP_TOKENS) -> list[list[int]]:
+    """Consecutive sequence indices in groups of up to ``tokens`` positions (a longer
+    sequence alone): the head's weight is read once per group, not once per sequence."""
+    groups: list[list[int]] = []
+    n = 0
+    for j, t in enumerate(lengths):
+        if groups and n + t <= tokens:
+            groups[-1].append(j)
+            n += t
+        else:
+            groups.append([j])
+            n = t
+    return groups
+
+
+class CheckpointRows:
+    """Rows of a checkpoint tensor, widened to fp32 on demand from the memory-mapped file."""
+
+    def __init__(self, source: SafetensorsSource, name: str):
+        self.source, self.name = source, name
+        self.shape = tuple(source.info(name).shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.source.array(self.name, (start, stop))
+
+
+class ArrayRows:
+    """Rows of an fp32 array held in memory (a weight override given as a whole array)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.asarray(array, np.float32)
+        self.shape = self.array.shape
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
+
+
+def _override_rows(weights: WeightFn | None, name: str, shape: tuple[int, int]):
+    """The override of ``name`` as a row source: its packed form when the override has one
+    (``BundleWeights.rows``: the int8 head stays int8 in memory), else its whole array;
+    None when nothing overrides it."""
+    if weights is None:
+        return None
+    packed = getattr(weights, "rows", None)
+    src = packed(name) if callable(packed) else None
+    if src is None:
+        w = weights(name)
+        if w is None:
+            return None
+        src = ArrayRows(w)
+    if tuple(src.shape) != tuple(shape):
+        raise ModelError(f"weight override: tensor {name!r} has shape {list(src.shape)}, the "
+                         f"model needs {list(shape)} (HF layout: (out, in))")
+    return src
 
 
 @dataclass
 class Head:
-    """Final norm + LM head ((V, H) weight, HF layout) of one stream."""
+    """Final norm + LM head of one stream. The head's (V, H) weight (HF layout) stays in
+    its stored form (bf16 in the checkpoint's memory map, int8 codes of the bundle) and is
+    widened ``HEAD_ROWS`` rows at a time: one fp32 chunk, never the 394 MB fp32 head."""
 
     norm: object
-    weight: object  # torch (V, H)
+    weight: object  # .shape (V, H); .rows(start, stop) -> fp32 (stop - start, H)
+
+    def project(self, x):
+        """(N, V) fp32 logits of (N, H) normed hidden states."""
+        import torch
+
+        v = self.weight.shape[0]
+        out = torch.empty((x.shape[0], v), dtype=torch.float32)
+        for a in range(0, v, HEAD_ROWS):
+            b = min(v, a + HEAD_ROWS)
+            w = torch.from_numpy(np.ascontiguousarray(self.weight.rows(a, b), np.float32))
+            out[:, a:b] = torch.nn.functional.linear(x, w)
+        return out
 
     def logits(self, h, last: bool = False):
         """(T, V) torch logits of one sequence's (1, T, H) final hidden states (only the last
         position's, (1, V), with ``last``)."""
+        return self.project(self.norm(h[:, -1:] if last else h)[0])
+
+    def logits_many(self, hs: Sequence) -> list:
+        """(T_j, V) logits of each (1, T_j, H) hidden states, the head read once for all."""
         import torch
 
-        x = self.norm(h[:, -1:] if last else h)[0]
-        return torch.nn.functional.linear(x, self.weight)
+        x = torch.cat([self.norm(h)[0] for h in hs])
+        return list(torch.split(self.project(x), [h.shape[1] for h in hs]))
 
 
 # -- the two uses: parity of a quantized model, and greedy decoding -----------------------
@@ -495,12 +576,14 @@ def parity(model_dir: str | os.PathLike, token_lists: Sequence[Sequence[int]],
         head_f = lw.head()
         head_q = lw.head(quant, like=head_f)
         scores, first = _Scores(), None
-        for j, ids in enumerate(token_lists):
-            lf = head_f.logits(ref.sequence(j)).numpy()
-            lq = head_q.logits(qst.sequence(j)).numpy()
-            scores.add(lf[:-1], lq[:-1], ids)
-            if j == 0:
-                first = (lf, lq)
+        for group in token_groups([len(t) for t in token_lists]):
+            lfs = head_f.logits_many([ref.sequence(j) for j in group])
+            lqs = head_q.logits_many([qst.sequence(j) for j in group])
+            for j, lf, lq in zip(group, lfs, lqs, strict=True):
+                lf, lq = lf.numpy(), lq.numpy()
+                scores.add(lf[:-1], lq[:-1], token_lists[j])
+                if j == 0:
+                    first = (lf.copy(), lq.copy())
     return Parity(scores.result(), *first)
 
 

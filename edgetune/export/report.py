@@ -103,7 +103,7 @@ def parity_report(model_dir: Path, decoder: Path, token_lists: list[list[int]],
 
     dynamic = cfg.quant == "int8-dynamic"  # activations quantized per tensor: no PyTorch twin
     quantized = cfg.quant != "none" or cfg.embedding != "fp32"
-    weights = BundleWeights(decoder).get if quantized and not dynamic else None
+    weights = BundleWeights(decoder) if quantized and not dynamic else None
     out: dict = {}
     if weights is not None:
         out["quant_vs_fp32"] = layerwise.parity(model_dir, token_lists, weights).metrics
@@ -121,10 +121,12 @@ def parity_report(model_dir: Path, decoder: Path, token_lists: list[list[int]],
     steps = cfg.report_tokens
     got_tokens = onnx_greedy(dec, prompt, steps)
     checked = token_lists[:4]
+    ort_logits = [logits_over(dec, ids) for ids in checked]
+    del dec  # ONNX Runtime's copy of the weights goes before PyTorch reads them again
     ref = list(layerwise.logits(model_dir, [*checked, prompt + got_tokens[:-1]], weights))
     max_abs = max_rel = 0.0
-    for ids, lr in zip(checked, ref, strict=False):
-        diff = float(np.abs(logits_over(dec, ids) - lr).max())
+    for lo, lr in zip(ort_logits, ref, strict=False):
+        diff = float(np.abs(lo - lr).max())
         max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / (float(np.abs(lr).max()) + 1e-12))
     ref_tokens = ref[-1][len(prompt) - 1:].argmax(-1).tolist()
     agree = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens, strict=False)) if a != b), steps)

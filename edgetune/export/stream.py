@@ -21,7 +21,7 @@ from onnx import helper
 from tqdm.auto import tqdm
 
 from .. import kernels
-from ..tensors import SafetensorsSource
+from ..tensors import SafetensorsSource, widen
 from .config import ExportConfig
 from .families import Dims, Proj, expected_shapes
 from .graph import GraphBuilder, Rope
@@ -85,6 +85,26 @@ class DecoderWriter:
                                             self.cfg.block_size) for n0 in range(0, n, step)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    def _row_chunks(self, name: str, n: int, k: int):
+        """fp32 rows of the (n, k) checkpoint tensor, a chunk at a time (C order)."""
+        step = _rows(n, k)
+        for n0 in range(0, n, step):
+            yield self.src.array(name, rows=(n0, min(n, n0 + step)))
+
+    def _columns(self, name: str, k: int, n: int):
+        """The (k, n) transpose of the (n, k) checkpoint tensor, a chunk of its rows (the
+        tensor's columns) at a time, for an fp32 MatMul weight."""
+        step = _rows(k, n)
+        raw = self.src.raw(name)
+        dtype = self.src.info(name).dtype
+        for k0 in range(0, k, step):
+            yield widen(np.ascontiguousarray(raw[:, k0:min(k, k0 + step)]), dtype).T
+
+    def _add_chunked(self, name: str, shape: tuple[int, int], chunks) -> str:
+        self._inits.append(self._writer.chunked(name, shape, np.float32, chunks))
+        self._bar.update()
+        return name
+
     def _bits(self, head: bool) -> int | None:
         """4, 8, or None (fp32) for a projection under ``cfg``."""
         cfg = self.cfg
@@ -106,7 +126,7 @@ class DecoderWriter:
         if bits is None:
             if head and self.cfg.lm_head == "fp32" and self.cfg.quant not in ("none", "int8-dynamic"):
                 self.result.kept.append(f"{module}: lm_head kept fp32 (--lm-head fp32)")
-            w = b.add_init(prefix, np.ascontiguousarray(self.src.array(name).T))
+            w = self._add_chunked(prefix, (k, n), self._columns(name, k, n))
             return b.op("MatMul", [x, w], scope)
         if bits == 4:
             hessian = self.gptq.hessian(module) if self.gptq is not None and not head else None
@@ -144,7 +164,8 @@ class DecoderWriter:
             if cfg.embedding != "fp32":
                 self.result.embedding = (f"embedding {d.vocab}x{d.hidden} not divisible by block "
                                          f"{cfg.block_size}; kept fp32")
-            return b.op("Gather", [b.add_init(name, self.src.array(name)), ids], scope, axis=0)
+            table = self._add_chunked(name, (d.vocab, d.hidden), self._row_chunks(name, d.vocab, d.hidden))
+            return b.op("Gather", [table, ids], scope, axis=0)
         if cfg.embedding == "int4":
             q = self._q4(name, d.hidden, d.vocab, None)
             inputs = [b.add_init(f"{name}_Q4", q.packed.reshape(d.vocab, d.hidden // 2)), ids,
@@ -180,6 +201,8 @@ class DecoderWriter:
             inits.append(writer.tensor(name, array))
             bar.update()
             return name
+
+        self._writer, self._inits, self._bar = writer, inits, bar
 
         try:
             b = GraphBuilder(self.d, self.rope, add_init)

@@ -35,24 +35,39 @@ class ExternalDataWriter:
         array = np.ascontiguousarray(array)
         if array.nbytes <= INLINE_BYTES:
             return numpy_helper.from_array(array, name)
-        align = PAGE_ALIGN if array.nbytes >= PAGE_ALIGN else SMALL_ALIGN
+        return self.chunked(name, array.shape, array.dtype, [array])
+
+    def chunked(self, name: str, shape: tuple[int, ...], dtype, chunks) -> onnx.TensorProto:
+        """One tensor of ``shape`` written from ``chunks`` (arrays in C order whose bytes,
+        one after another, are the tensor's), each freed once written: a table too large to
+        hold in fp32 costs one chunk."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        align = PAGE_ALIGN if nbytes >= PAGE_ALIGN else SMALL_ALIGN
         pad = -self.offset % align
+        written = 0
         try:
             if pad:
                 self._f.write(b"\0" * pad)
-            self._f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype)
+                self._f.write(memoryview(chunk.reshape(-1).view(np.uint8)))
+                written += chunk.nbytes
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EFBIG):
                 raise EdgetuneError(f"{self.path}: disk full while writing {name} "
-                                    f"({array.nbytes / 1e6:.1f} MB; {e.strerror})") from None
+                                    f"({nbytes / 1e6:.1f} MB; {e.strerror})") from None
             raise
+        if written != nbytes:
+            raise EdgetuneError(f"{self.path}: tensor {name} got {written} bytes from its "
+                                f"chunks, its shape {list(shape)} needs {nbytes}")
         self.offset += pad
-        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                             dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype),
+                             dims=shape, data_location=onnx.TensorProto.EXTERNAL)
         for key, value in (("location", self.path.name), ("offset", str(self.offset)),
-                           ("length", str(array.nbytes))):
+                           ("length", str(nbytes))):
             t.external_data.add(key=key, value=value)
-        self.offset += array.nbytes
+        self.offset += nbytes
         return t
 
     def close(self) -> None:

@@ -211,3 +211,29 @@ def test_export_peak_memory_is_flat_in_depth(tmp_path):
         p.join(60)
     layer_mb = (4 * 1024 * 1024 + 3 * 1024 * 4096) * 4 / 2**20  # one layer in fp32
     assert peaks[6] - peaks[2] <= 0.5 * layer_mb, (peaks, layer_mb)
+
+
+def test_chunked_tensor_must_fill_its_shape(tmp_path):
+    """A tensor written from chunks gets exactly its shape's bytes, or a clear error."""
+    w = ExternalDataWriter(tmp_path / "x.data")
+    t = w.chunked("table", (4, 1 << 14), np.float32, (np.full((1, 1 << 14), i, np.float32)
+                                                      for i in range(4)))
+    with pytest.raises(EdgetuneError, match="tensor short got .* needs"):
+        w.chunked("short", (4, 1 << 14), np.float32, [np.zeros((3, 1 << 14), np.float32)])
+    w.close()
+    info = {e.key: int(e.value) for e in t.external_data if e.key != "location"}
+    data = np.fromfile(tmp_path / "x.data", np.float32, count=4 << 14, offset=info["offset"])
+    assert info["length"] == 4 << 16 and info["offset"] % (1 << 16) == 0
+    assert np.array_equal(data.reshape(4, -1)[:, 0], [0, 1, 2, 3])
+
+
+def test_parity_report_scores_at_most_eval_tokens(family_model, tmp_path):
+    from edgetune.export import budget
+
+    assert budget([[1] * 5, [2] * 5, [3] * 5], 8) == [[1] * 5, [2] * 3]
+    assert budget([[1], [2] * 4], 3) == [[2] * 3]  # a 1-token text scores nothing
+    out = export(family_model("llama"), tmp_path / "b", ExportConfig(eval_tokens=40),
+                 log=lambda s: None)
+    report = json.loads((out / "report.json").read_text())
+    # positions scored = tokens - 1 per text, all texts together within the budget
+    assert 0 < report["quant_vs_fp32"]["tokens"] <= 40 - report["eval_texts"]
