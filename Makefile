@@ -1,6 +1,7 @@
 # edgetune: the two set-up commands.
 #   make quickstart   fine-tune -> merge -> export int4 -> run, on the shipped tiny model
 #   make test         the test suite
+#   make lint         ruff (lint + format check), mypy, docs/benchmarks.md up to date (CI runs it first)
 # Each creates .venv if missing and installs everything through pyproject.toml/setup.py.
 # TORCH picks the torch build: the default is the CPU build (installed from local disk on
 # edgetune's CI machines). A CUDA user passes e.g.
@@ -12,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgetune-installed
 
-.PHONY: quickstart test clean
+.PHONY: quickstart test lint clean
 
 $(STAMP): pyproject.toml setup.py kernels/csrc/*.c kernels/csrc/*.h kernels/_ckernels.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,12 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python tools/benchmarks_md.py --check
 
 clean:
 	rm -rf build *.egg-info kernels/_ckernels.c kernels/*.so edgetune-quickstart

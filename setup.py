@@ -10,8 +10,12 @@ from setuptools import Extension, setup
 
 ext = Extension(
     "edgetune.kernels._ckernels",
-    sources=["kernels/_ckernels.pyx", "kernels/csrc/edgetune_kernels.c", "kernels/csrc/gemm.c",
-             "kernels/csrc/ops.c"],
+    sources=[
+        "kernels/_ckernels.pyx",
+        "kernels/csrc/edgetune_kernels.c",
+        "kernels/csrc/gemm.c",
+        "kernels/csrc/ops.c",
+    ],
     include_dirs=["kernels/csrc", np.get_include()],
     extra_compile_args=["-O3", "-std=c11", "-fopenmp"],
     extra_link_args=["-fopenmp"],

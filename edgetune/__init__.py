@@ -1,2 +1,3 @@
 """edgetune."""
+
 __version__ = "0.1.0"

@@ -34,7 +34,10 @@ def file_table(root: Path) -> dict[str, dict]:
     table = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            table[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            table[p.relative_to(root).as_posix()] = {
+                "sha256": sha256_file(p),
+                "bytes": p.stat().st_size,
+            }
     return table
 
 
@@ -66,8 +69,10 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if missing:
         raise BundleError(f"{path}: manifest lacks field(s) {', '.join(missing)}")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(f"{path}: format_version {manifest['format_version']} is not supported "
-                          f"(this edgetune reads {FORMAT_VERSION})")
+        raise BundleError(
+            f"{path}: format_version {manifest['format_version']} is not supported "
+            f"(this edgetune reads {FORMAT_VERSION})"
+        )
     return manifest
 
 
@@ -80,7 +85,9 @@ def verify(root: str | os.PathLike) -> dict:
         if not p.is_file():
             raise BundleError(f"{p}: listed in {MANIFEST} but missing")
         if p.stat().st_size != entry["bytes"]:
-            raise BundleError(f"{p}: damaged (size {p.stat().st_size}, manifest says {entry['bytes']})")
+            raise BundleError(
+                f"{p}: damaged (size {p.stat().st_size}, manifest says {entry['bytes']})"
+            )
         if sha256_file(p) != entry["sha256"]:
             raise BundleError(f"{p}: damaged (SHA-256 does not match {MANIFEST})")
     for rel in (manifest["decoder"]["filename"], "tokenizer.json"):

@@ -3,6 +3,12 @@
 Exit codes: 0 success, 2 a user error (one line on stderr), 1 an internal failure,
 130 interrupted. Heavy libraries (torch, transformers) load only in the
 subcommands that need them.
+
+The settings flags are not written here: ``edgetune.config.add_flags`` makes one per field of
+the stage's config dataclass (TrainConfig, ExportConfig, SamplingConfig, QuickstartConfig),
+with the field's docstring as help, and ``config_from_args`` resolves defaults < ``--config``
+YAML < flags. Only what is not a setting (paths given positionally, --resume, --force,
+--json, the backend) is hand-written.
 """
 
 from __future__ import annotations
@@ -15,66 +21,49 @@ import sys
 from . import __version__
 from .errors import ConfigError, EdgetuneError
 
+SCALING = ("nproc", "strategy", "nnodes", "node_rank", "master_addr", "master_port")
+
 
 def _add_train(sub) -> None:
-    from .train.config import METHODS
+    from .config import add_flags
+    from .train.config import TrainConfig
 
-    p = sub.add_parser("train", help="fine-tune with QLoRA / QDoRA / LoRA / DoRA",
-                       description="Fine-tune a local Hugging Face causal LM; writes RUN/adapter "
-                       "(PEFT format), metrics.jsonl, loss.png, config.yaml and checkpoints. "
-                       "Flags override values from --config YAML.")
-    p.add_argument("--model", help="base model dir (Llama / Phi-3 / Mistral / Qwen2 family)")
-    p.add_argument("--data", help="training JSONL (messages, prompt/completion or text)")
-    p.add_argument("--eval-data", help="held-out JSONL for eval loss")
-    p.add_argument("--out", help="run dir to create")
-    p.add_argument("--method", choices=METHODS, help="default qlora")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--dropout", type=float)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-steps", type=int)
-    g.add_argument("--epochs", type=float)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--packing", action="store_true", default=None, help="pack examples into rows")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    p.add_argument("--strict", action="store_true", default=None,
-                   help="refuse examples longer than --seq-len instead of truncating")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--config", help="YAML recipe (see examples/configs)")
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with QLoRA / QDoRA / LoRA / DoRA",
+        description="Fine-tune a local Hugging Face causal LM; writes RUN/adapter "
+        "(PEFT format), metrics.jsonl, loss.png, config.yaml and checkpoints. "
+        "Flags override values from --config YAML (recipes: examples/configs).",
+    )
+    add_flags(
+        p,
+        TrainConfig,
+        exclusive=[("max_steps", "epochs")],
+        groups={
+            "scaling out": (
+                "several processes / nodes (README: scaling out); > 1 process starts "
+                "torchrun or DeepSpeed's launcher",
+                SCALING,
+            )
+        },
+    )
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    d = p.add_argument_group("scaling out", "several processes / nodes (README: scaling out)")
-    d.add_argument("--nproc", type=int, help="worker processes on this node (one per GPU); "
-                   "> 1 starts torchrun or DeepSpeed's launcher")
-    d.add_argument("--strategy", help="ddp (default), fsdp (FSDP2), zero1, zero2, zero3 (DeepSpeed)")
-    d.add_argument("--nnodes", type=int, help="nodes in the job (run the command on each)")
-    d.add_argument("--node-rank", type=int, help="this node's index, 0 on the master node")
-    d.add_argument("--master-addr", help="address of node 0, reachable from every node")
-    d.add_argument("--master-port", type=int, help="rendezvous port on node 0 (default: free "
-                   "port on one node, 29500 on several)")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import config_from_args
     from .train import TrainConfig, train
 
-    keys = ("model", "data", "eval_data", "out", "method", "rank", "alpha", "dropout", "max_steps",
-            "epochs", "lr", "batch_size", "grad_accum", "seq_len", "seed", "eval_every",
-            "save_every", "packing", "gradient_checkpointing", "strict", "device", "nproc",
-            "strategy", "nnodes", "node_rank", "master_addr", "master_port")
-    cfg = load_config(TrainConfig, args.config, {k: getattr(args, k) for k in keys})
+    cfg = config_from_args(TrainConfig, args)
     try:
         run = train(cfg, resume=args.resume)
     except KeyboardInterrupt:
         saved = "last checkpoint" if cfg.distributed else "checkpoint saved"
-        print(f"interrupted: {saved} in {cfg.out}/checkpoints; continue with --resume",
-              file=sys.stderr)
+        print(
+            f"interrupted: {saved} in {cfg.out}/checkpoints; continue with --resume",
+            file=sys.stderr,
+        )
         return 130
     # one line per job: from rank 0 when torchrun/deepspeed started it, else from edgetune's
     # own launcher (its workers stay quiet)
@@ -92,19 +81,18 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .config import config_from_args
+    from .export.config import ExportConfig
+
+    cfg = config_from_args(ExportConfig, args)
     if args.target == "fpga":
         from .fpga.project import export_fpga
 
-        out = export_fpga(args.model, args.out, block=args.block_size, force=args.force)
+        out = export_fpga(args.model, args.out, block=cfg.block_size, force=args.force)
         print(f"HLS project: {out}")
         return 0
-    from .export import ExportConfig, export
+    from .export import export
 
-    cfg = ExportConfig(quant=args.quant, block_size=args.block_size, symmetric=args.symmetric,
-                       accuracy_level=args.accuracy_level, lm_head=args.lm_head,
-                       eval_data=args.eval_data, eval_tokens=args.eval_tokens, algo=args.algo, embedding=args.embedding,
-                       calib_data=args.calib_data, calib_tokens=args.calib_tokens,
-                       act_order=args.act_order)
     out = export(args.model, args.out, cfg, force=args.force)
     print(f"bundle: {out}")
     return 0
@@ -114,8 +102,10 @@ def cmd_verify(args) -> int:
     from .bundle import verify
 
     m = verify(args.bundle)
-    print(f"{args.bundle}: OK ({len(m['files'])} files, {m['architecture']['model_type']}, "
-          f"{m['quantization']['quant']})")
+    print(
+        f"{args.bundle}: OK ({len(m['files'])} files, {m['architecture']['model_type']}, "
+        f"{m['quantization']['quant']})"
+    )
     return 0
 
 
@@ -126,20 +116,21 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(r.as_dict()))
     else:
-        print(f"exact match {100 * r.exact_match:.1f}%  perplexity {r.perplexity:.3f}  "
-              f"decode {r.decode_tokens_per_s:.0f} tok/s  ({r.examples} examples)")
+        print(
+            f"exact match {100 * r.exact_match:.1f}%  perplexity {r.perplexity:.3f}  "
+            f"decode {r.decode_tokens_per_s:.0f} tok/s  ({r.examples} examples)"
+        )
     return 0
 
 
 def _sampling(args) -> dict:
     """The sampling flags of ``run`` and ``chat``, checked (a bad value is a user error)."""
+    from dataclasses import asdict
+
+    from .config import config_from_args
     from .runtime import SamplingConfig
 
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                    stop=tuple(args.stop or ()), seed=args.seed)
-    SamplingConfig(**sampling)
-    return sampling
+    return asdict(config_from_args(SamplingConfig, args))
 
 
 def cmd_run(args) -> int:
@@ -150,7 +141,7 @@ def cmd_run(args) -> int:
     model.encode(args.prompt)  # empty or undecodable: a PromptError before the chat template
     prompt = args.prompt
     if not args.raw and model.manifest["tokenizer"].get("chat_template"):
-        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        msgs = [{"role": "system", "content": args.system}] if args.system else []
         prompt = model.render_chat(msgs + [{"role": "user", "content": args.prompt}])
     if args.stream:
         for piece in model.stream(prompt, **sampling):
@@ -179,8 +170,10 @@ def cmd_chat(args) -> int:
         print(text, file=sys.stderr, flush=True)
 
     try:
-        note(f"chat with {args.bundle} ({model.backend} backend, {model.context_length}-token "
-             "context); /reset clears the history, /exit quits")
+        note(
+            f"chat with {args.bundle} ({model.backend} backend, {model.context_length}-token "
+            "context); /reset clears the history, /exit quits"
+        )
         while True:
             if tty:
                 print("> ", end="", flush=True)
@@ -201,20 +194,24 @@ def cmd_chat(args) -> int:
                 note("(history cleared)")
                 continue
             try:
-                msgs, dropped = model.fit_chat(system + history + [{"role": "user", "content": line}],
-                                               reserve=args.max_new_tokens)
+                msgs, dropped = model.fit_chat(
+                    system + history + [{"role": "user", "content": line}],
+                    reserve=sampling["max_new_tokens"],
+                )
             except PromptError as e:
                 note(f"error: {e}; message ignored")
                 continue
             if dropped:
-                note(f"(dropped the {dropped} oldest messages to fit the {model.context_length}-"
-                     "token context)")
+                note(
+                    f"(dropped the {dropped} oldest messages to fit the {model.context_length}-"
+                    "token context)"
+                )
             reply = []
             for piece in model.stream_chat(msgs, **sampling):
                 print(piece, end="", flush=True)
                 reply.append(piece)
             print(flush=True)
-            history = msgs[len(system):] + [{"role": "assistant", "content": "".join(reply)}]
+            history = msgs[len(system) :] + [{"role": "assistant", "content": "".join(reply)}]
     except KeyboardInterrupt:
         print(file=sys.stderr)
     return 0
@@ -245,8 +242,14 @@ def _bench(args, log):
     if args.what == "runtime":
         from .bench.runtime import bench, format_results
 
-        report = bench(args.bundle, quick=args.quick, threads=args.threads,
-                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, log=log)
+        report = bench(
+            args.bundle,
+            quick=args.quick,
+            threads=args.threads,
+            prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens,
+            log=log,
+        )
         if args.json:
             return report
         print(format_results(report))
@@ -259,26 +262,36 @@ def _bench(args, log):
             return report
         print(scale.format_results(report))
         return 0
+    # each benchmark's results and table are its own types: one branch each
     if args.what == "kernels":
-        from .bench.kernels import bench, format_results
+        from .bench import kernels as kernel_bench
 
-        results = bench(quick=args.quick, log=log)
+        results = kernel_bench.bench(quick=args.quick, log=log)
         rows = [r.as_dict() for r in results]
-    elif args.what == "dist":
-        from .bench.dist import bench, format_results
+        if args.json:
+            return {"benchmark": args.what, "results": rows}
+        print(kernel_bench.format_results(results))
+        return 0
+    if args.what == "dist":
+        from .bench import dist as dist_bench
 
-        results = bench(nproc=args.nproc, quick=args.quick, log=log)
-        rows = results
-    else:
-        from .bench.train import bench, format_results
+        rows = dist_bench.bench(nproc=args.nproc, quick=args.quick, log=log)
+        if args.json:
+            return {"benchmark": args.what, "results": rows}
+        print(dist_bench.format_results(rows))
+        return 0
+    from .bench import train as train_bench
 
-        results = bench(hidden=args.hidden or 1024, layers=4 if args.quick else 16,
-                        rounds=1 if args.quick else 2,
-                        checkpointing=args.gradient_checkpointing, log=log)
-        rows = results
+    rows = train_bench.bench(
+        hidden=args.hidden or 1024,
+        layers=4 if args.quick else 16,
+        rounds=1 if args.quick else 2,
+        checkpointing=args.gradient_checkpointing,
+        log=log,
+    )
     if args.json:
         return {"benchmark": args.what, "results": rows}
-    print(format_results(results))
+    print(train_bench.format_results(rows))
     return 0
 
 
@@ -286,100 +299,130 @@ def _scale_config(args):
     """bench scale's flags -> ScaleConfig (unset flags keep its Phi-3-mini defaults)."""
     from .bench.scale import ScaleConfig, parse_list
 
-    given = {k: v for k, v in (("hidden", args.hidden), ("intermediate", args.intermediate),
-                               ("heads", args.heads), ("kv_heads", args.kv_heads),
-                               ("vocab", args.vocab), ("prompt_tokens", args.prompt_tokens),
-                               ("new_tokens", args.new_tokens)) if v is not None}
-    return ScaleConfig(layers=parse_list(args.layers, "layers", int),
-                       stages=parse_list(args.stages, "stages"), threads=args.threads,
-                       keep=args.keep, **given)
+    given = {
+        k: v
+        for k, v in (
+            ("hidden", args.hidden),
+            ("intermediate", args.intermediate),
+            ("heads", args.heads),
+            ("kv_heads", args.kv_heads),
+            ("vocab", args.vocab),
+            ("prompt_tokens", args.prompt_tokens),
+            ("new_tokens", args.new_tokens),
+        )
+        if v is not None
+    }
+    return ScaleConfig(
+        layers=parse_list(args.layers, "layers", int),
+        stages=parse_list(args.stages, "stages"),
+        threads=args.threads,
+        keep=args.keep,
+        **given,
+    )
 
 
 def cmd_quickstart(args) -> int:
+    from .config import config_from_args
     from .quickstart import QuickstartConfig, quickstart
 
-    quickstart(QuickstartConfig(out=args.out, max_steps=args.max_steps, force=args.force))
+    quickstart(config_from_args(QuickstartConfig, args))
     return 0
 
 
 def _add_sampling(p) -> None:
     """Backend and sampling flags shared by ``run`` and ``chat``."""
-    p.add_argument("--backend", choices=("auto", "ort", "native", "native-int"), default="auto",
-                   help="ort: ONNX Runtime; native: edgetune kernels; native-int: the FPGA "
-                   "fixed-point datapath")
+    from .config import add_flags
+    from .runtime.sampling import SamplingConfig
+
+    p.add_argument(
+        "--backend",
+        choices=("auto", "ort", "native", "native-int"),
+        default="auto",
+        help="ort: ONNX Runtime; native: edgetune kernels; native-int: the FPGA "
+        "fixed-point datapath",
+    )
     p.add_argument("--threads", type=int)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
+    add_flags(p, SamplingConfig)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edgetune", description="Fine-tune, merge, export and run a "
-                                 "small language model on the edge.")
+def _add_export_flags(p) -> None:
+    from .config import add_flags
+    from .export.config import ExportConfig  # imports onnx: only when export is the command
+
+    p.add_argument("model", help="merged HF model dir (with --target fpga also a bundle)")
+    p.add_argument("--out", required=True, help="bundle dir to create")
+    p.add_argument(
+        "--target",
+        choices=("onnx", "fpga"),
+        default="onnx",
+        help="onnx: the bundle; fpga: an HLS project with the weights as memory images",
+    )
+    add_flags(p, ExportConfig)
+    p.add_argument(
+        "--asymmetric",
+        dest="symmetric",
+        action="store_false",
+        default=None,
+        help="the same as --no-symmetric: stored 4-bit zero points",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``command``, the flags of that subcommand only (``main`` passes
+    the one it runs, so that ``edgetune run`` does not import the export stage's config)."""
+    ap = argparse.ArgumentParser(
+        prog="edgetune",
+        description="Fine-tune, merge, export and run a small language model on the edge.",
+    )
     ap.add_argument("--version", action="version", version=f"edgetune {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
+    from .config import add_flags
     from .quickstart import QuickstartConfig
 
-    p = sub.add_parser("quickstart", help="run the whole path on the shipped tiny model",
-                       description="Fine-tune (QLoRA) the shipped tiny model on the bundled "
-                       "smart-home task, merge, export int4, run it, and print one table.")
-    p.add_argument("--out", default=QuickstartConfig.out)
-    p.add_argument("--max-steps", type=int, default=QuickstartConfig.max_steps)
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p = sub.add_parser(
+        "quickstart",
+        help="run the whole path on the shipped tiny model",
+        description="Fine-tune the shipped tiny model on the bundled smart-home "
+        "task with the recipe examples/configs/tiny-phi3_qlora_cpu.yaml, merge, "
+        "export int4 (tiny-phi3_int4_cpu.yaml), run it, and print one table.",
+    )
+    add_flags(p, QuickstartConfig, config_flag=False)
     p.set_defaults(func=cmd_quickstart)
 
     _add_train(sub)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base model",
-                       description="Write a plain HF model dir with the adapter merged in. For "
-                       "qlora/qdora adapters the base is NF4-dequantized exactly as in training.")
+    p = sub.add_parser(
+        "merge",
+        help="merge an adapter into its base model",
+        description="Write a plain HF model dir with the adapter merged in. For "
+        "qlora/qdora adapters the base is NF4-dequantized exactly as in training.",
+    )
     p.add_argument("--model", required=True, help="base model dir the adapter was trained on")
     p.add_argument("--adapter", required=True, help="RUN/adapter (PEFT format)")
     p.add_argument("--out", required=True)
-    p.add_argument("--base-quantization", choices=("auto", "nf4", "none"), default="auto",
-                   help="how the base was quantized in training (auto: from edgetune's note)")
+    p.add_argument(
+        "--base-quantization",
+        choices=("auto", "nf4", "none"),
+        default="auto",
+        help="how the base was quantized in training (auto: from edgetune's note)",
+    )
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="export to an ONNX bundle (int4 by default)",
-                       description="Streamed ONNX export (decoder with KV cache, weights quantized as they are read), a "
-                       "parity report, and a verified bundle.")
-    p.add_argument("model", help="merged HF model dir (with --target fpga also a bundle)")
-    p.add_argument("--out", required=True, help="bundle dir to create")
-    p.add_argument("--target", choices=("onnx", "fpga"), default="onnx",
-                   help="onnx: the bundle; fpga: an HLS project with the weights as memory images")
-    p.add_argument("--quant", choices=("int4", "int8", "int8-dynamic", "none"), default="int4",
-                   help="int8: 8-bit blocks (any backend); int8-dynamic: ONNX Runtime "
-                   "quantize_dynamic (ORT only)")
-    p.add_argument("--block-size", type=int, default=32)
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
-                     help="zero point 8 (default for rtn and gptq)")
-    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
-                     help="stored 4-bit zero points (default for hqq)")
-    p.add_argument("--accuracy-level", type=int, default=4, choices=range(5))
-    p.add_argument("--lm-head", choices=("int8", "int4", "fp32"), default="int8")
-    p.add_argument("--eval-data", help="held-out JSONL or .txt for the parity report")
-    p.add_argument("--eval-tokens", type=int, default=2048,
-                   help="held-out tokens the parity report scores at most (its cost: two "
-                   "forward passes over them, layer by layer)")
-    # no argparse choices: ExportConfig names the bad value in one line (exit 2)
-    p.add_argument("--algo", default="rtn", metavar="rtn|hqq|gptq",
-                   help="how int4 blocks are chosen: round to nearest, half-quadratic (HQQ, no "
-                   "data) or GPTQ (calibrated); same MatMulNBits layout for all")
-    p.add_argument("--embedding", default="fp32", metavar="fp32|int8|int4",
-                   help="embedding table precision (int8/int4: GatherBlockQuantized)")
-    p.add_argument("--calib-data", help="GPTQ calibration JSONL or .txt (default: --eval-data, "
-                   "else the bundled task's training split)")
-    p.add_argument("--calib-tokens", type=int, default=4096, help="GPTQ calibration tokens")
-    p.add_argument("--act-order", action="store_true",
-                   help="GPTQ: columns by decreasing Hessian diagonal")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p = sub.add_parser(
+        "export",
+        help="export to an ONNX bundle (int4 by default)",
+        description="Streamed ONNX export (decoder with KV cache, weights quantized as they are read), a "
+        "parity report, and a verified bundle. Flags override values from --config YAML "
+        "(recipes: examples/configs).",
+    )
+    if wanted("export"):
+        _add_export_flags(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="check a bundle's structure and file hashes")
@@ -393,74 +436,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("run", help="generate from a bundle",
-                       description="Generate a completion; the prompt is wrapped in the bundle's "
-                       "chat template unless --raw.")
+    p = sub.add_parser(
+        "run",
+        help="generate from a bundle",
+        description="Generate a completion; the prompt is wrapped in the bundle's "
+        "chat template unless --raw.",
+    )
     p.add_argument("bundle")
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", help="system message (chat bundles)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    _add_sampling(p)
+    if wanted("run"):
+        _add_sampling(p)
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="interactive chat with a bundle",
-                       description="Chat over stdin with the bundle's chat template. Keeps the "
-                       "history (dropping the oldest turns when it outgrows the context) and "
-                       "streams each reply. /reset clears the history; /exit, EOF or Ctrl-C quit.")
+    p = sub.add_parser(
+        "chat",
+        help="interactive chat with a bundle",
+        description="Chat over stdin with the bundle's chat template. Keeps the "
+        "history (dropping the oldest turns when it outgrows the context) and "
+        "streams each reply. /reset clears the history; /exit, EOF or Ctrl-C quit.",
+    )
     p.add_argument("bundle")
     p.add_argument("--system", help="system message")
-    _add_sampling(p)
+    if wanted("chat"):
+        _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("bench", help="benchmarks against baselines run in the same process",
-                       description="kernels: Q4 GEMV/GEMM (fp32 and int8 activations) and "
-                       "dequantization vs ONNX Runtime MatMulNBits, with the memory bandwidth "
-                       "measured in the same run. runtime: the ort and native backends side by "
-                       "side, each in its own process (prefill/decode tok/s, first-token latency, "
-                       "peak RSS, decode bandwidth utilisation). train: QLoRA/QDoRA step time and peak RSS on a "
-                       "~330M-parameter Phi-3-shaped model vs fp32 LoRA and PEFT + bitsandbytes. "
-                       "dist: per-rank weight/gradient/optimizer bytes and step time of ddp, "
-                       "fsdp and DeepSpeed ZeRO 1/2/3 with --nproc processes. scale: peak RSS "
-                       "and time of export, merge, a QLoRA step and decode, each in its own "
-                       "process, on random Phi-3-mini-width models at --layers layer counts, "
-                       "with the per-layer slope and the extrapolation to Phi-3-mini and "
-                       "Phi-3-medium against the memory targets.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks against baselines run in the same process",
+        description="kernels: Q4 GEMV/GEMM (fp32 and int8 activations) and "
+        "dequantization vs ONNX Runtime MatMulNBits, with the memory bandwidth "
+        "measured in the same run. runtime: the ort and native backends side by "
+        "side, each in its own process (prefill/decode tok/s, first-token latency, "
+        "peak RSS, decode bandwidth utilisation). train: QLoRA/QDoRA step time and peak RSS on a "
+        "~330M-parameter Phi-3-shaped model vs fp32 LoRA and PEFT + bitsandbytes. "
+        "dist: per-rank weight/gradient/optimizer bytes and step time of ddp, "
+        "fsdp and DeepSpeed ZeRO 1/2/3 with --nproc processes. scale: peak RSS "
+        "and time of export, merge, a QLoRA step and decode, each in its own "
+        "process, on random Phi-3-mini-width models at --layers layer counts, "
+        "with the per-layer slope and the extrapolation to Phi-3-mini and "
+        "Phi-3-medium against the memory targets.",
+    )
     p.add_argument("what", choices=("kernels", "runtime", "train", "dist", "scale"))
-    p.add_argument("bundle", nargs="?", help="runtime: the bundle to run (default: a cached "
-                   "~0.55B-parameter Phi-3-shaped int4 bundle with random weights, built once)")
+    p.add_argument(
+        "bundle",
+        nargs="?",
+        help="runtime: the bundle to run (default: a cached "
+        "~0.55B-parameter Phi-3-shaped int4 bundle with random weights, built once)",
+    )
     p.add_argument("--threads", type=int, default=2, help="runtime: threads per backend")
     p.add_argument("--prompt-tokens", type=int, help="runtime: prompt length (default 128)")
     p.add_argument("--new-tokens", type=int, help="runtime: tokens to decode (default 64)")
     p.add_argument("--json", action="store_true", help="one JSON object with a results list")
-    p.add_argument("--quick", action="store_true",
-                   help="kernels: one shape, batch 1, 2 threads; train: 4 layers instead of 16; "
-                   "dist: a 4-layer model, ddp / zero2 / zero3 only")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="kernels: one shape, batch 1, 2 threads; train: 4 layers instead of 16; "
+        "dist: a 4-layer model, ddp / zero2 / zero3 only",
+    )
     p.add_argument("--nproc", type=int, default=2, help="dist: processes per strategy")
-    p.add_argument("--hidden", type=int,
-                   help="train: hidden size of the benchmark model (default 1024: ~330M "
-                   "parameters, 1536: ~700M; intermediate 4x, 16 layers); scale: hidden size "
-                   "of the random models (default 3072, Phi-3-mini's)")
-    p.add_argument("--layers", default="2,4,8",
-                   help="scale: layer counts to measure (default 2,4,8; 32: the full Phi-3-mini, "
-                   "7.6 GB of bf16 on disk)")
-    p.add_argument("--stages", default="export,merge,qlora-step,decode",
-                   help="scale: stages to measure (default all: export,merge,qlora-step,decode)")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        help="train: hidden size of the benchmark model (default 1024: ~330M "
+        "parameters, 1536: ~700M; intermediate 4x, 16 layers); scale: hidden size "
+        "of the random models (default 3072, Phi-3-mini's)",
+    )
+    p.add_argument(
+        "--layers",
+        default="2,4,8",
+        help="scale: layer counts to measure (default 2,4,8; 32: the full Phi-3-mini, "
+        "7.6 GB of bf16 on disk)",
+    )
+    p.add_argument(
+        "--stages",
+        default="export,merge,qlora-step,decode",
+        help="scale: stages to measure (default all: export,merge,qlora-step,decode)",
+    )
     p.add_argument("--intermediate", type=int, help="scale: MLP width (default 8192)")
     p.add_argument("--heads", type=int, help="scale: attention heads (default 32)")
     p.add_argument("--kv-heads", type=int, help="scale: key/value heads (default: --heads)")
     p.add_argument("--vocab", type=int, help="scale: vocabulary size (default 32064, >= 2048)")
-    p.add_argument("--keep", action="store_true",
-                   help="scale: keep every stage's output (bundles, merged models, runs)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="train: gradient checkpointing in every setup (activation memory "
-                   "then no longer hides the weights' share of peak RSS)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="scale: keep every stage's output (bundles, merged models, runs)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="train: gradient checkpointing in every setup (activation memory "
+        "then no longer hides the weights' share of peak RSS)",
+    )
     p.set_defaults(func=cmd_bench)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and not argv[0].startswith("-") else "").parse_args(argv)
     try:
         return args.func(args)
     except EdgetuneError as e:

@@ -31,8 +31,12 @@ class EvalResult:
     examples: int
 
     def as_dict(self) -> dict:
-        return {"exact_match": self.exact_match, "perplexity": self.perplexity,
-                "decode_tokens_per_s": self.decode_tokens_per_s, "examples": self.examples}
+        return {
+            "exact_match": self.exact_match,
+            "perplexity": self.perplexity,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "examples": self.examples,
+        }
 
 
 def split_example(ex: Example, render) -> tuple[str, str]:
@@ -43,9 +47,12 @@ def split_example(ex: Example, render) -> tuple[str, str]:
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         return render(msgs[:last]), msgs[last]["content"]
     if ex.kind == "prompt":
+        # parse_example only makes a prompt example with both fields set
+        assert ex.prompt is not None and ex.completion is not None
         return ex.prompt, ex.completion
-    raise DataError(f"{ex.where}: 'text' examples have no answer to score; use messages or "
-                    "prompt/completion")
+    raise DataError(
+        f"{ex.where}: 'text' examples have no answer to score; use messages or prompt/completion"
+    )
 
 
 def answers_match(generated: str, reference: str) -> bool:
@@ -65,8 +72,9 @@ def _nll(logits: np.ndarray, targets: list[int]) -> float:
 # -- bundles (torch-free) -------------------------------------------------------------------
 
 
-def evaluate_bundle(model, examples: list[Example], max_new_tokens: int = 64,
-                    desc: str = "eval bundle") -> EvalResult:
+def evaluate_bundle(
+    model, examples: list[Example], max_new_tokens: int = 64, desc: str = "eval bundle"
+) -> EvalResult:
     """Score a loaded ``edgetune.runtime.Model``."""
     from .runtime.sampling import SamplingConfig
 
@@ -80,18 +88,25 @@ def evaluate_bundle(model, examples: list[Example], max_new_tokens: int = 64,
         hits += answers_match(model.decode(out), ref)
         a_ids = model.tokenizer.encode(ref, add_special_tokens=False).ids + model.eos_ids[:1]
         logits, _ = model.decoder.forward(np.array([p_ids + a_ids], np.int64))
-        nll += _nll(logits[0, len(p_ids) - 1:-1], a_ids)
+        nll += _nll(logits[0, len(p_ids) - 1 : -1], a_ids)
         count += len(a_ids)
-    return EvalResult(hits / len(examples), math.exp(nll / count), float(np.median(speeds)),
-                      len(examples))
+    return EvalResult(
+        hits / len(examples), math.exp(nll / count), float(np.median(speeds)), len(examples)
+    )
 
 
 # -- PyTorch models -------------------------------------------------------------------------
 
 
-def evaluate_torch(model, tokenizer, examples: list[Example], max_new_tokens: int = 64,
-                   batch_size: int = 32, speed_examples: int = 4,
-                   desc: str = "eval torch") -> EvalResult:
+def evaluate_torch(
+    model,
+    tokenizer,
+    examples: list[Example],
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    speed_examples: int = 4,
+    desc: str = "eval torch",
+) -> EvalResult:
     """Score a PyTorch causal LM (plain or PEFT-wrapped): batched greedy decoding for
     accuracy, batch-1 decoding on a few examples for speed."""
     import torch
@@ -105,30 +120,49 @@ def evaluate_torch(model, tokenizer, examples: list[Example], max_new_tokens: in
     hits, nll, count = 0, 0.0, 0
     tokenizer.padding_side = "left"
     with torch.no_grad():
-        for i in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", disable=None,
-                      leave=False):
-            chunk = pairs[i:i + batch_size]
-            enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True,
-                            add_special_tokens=False, return_token_type_ids=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-            for (_, ref), row in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
+        for i in tqdm(
+            range(0, len(pairs), batch_size), desc=desc, unit="batch", disable=None, leave=False
+        ):
+            chunk = pairs[i : i + batch_size]
+            enc = tokenizer(
+                [p for p, _ in chunk],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                return_token_type_ids=False,
+            )
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )
+            for (_, ref), row in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
                 hits += answers_match(tokenizer.decode(row, skip_special_tokens=True), ref)
         for prompt, ref in pairs:
             p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
             a_ids = tokenizer(ref, add_special_tokens=False)["input_ids"] + [eos]
             logits = model(torch.tensor([p_ids + a_ids])).logits[0].float().numpy()
-            nll += _nll(logits[len(p_ids) - 1:-1], a_ids)
+            nll += _nll(logits[len(p_ids) - 1 : -1], a_ids)
             count += len(a_ids)
         speeds = []
         for prompt, _ in pairs[:speed_examples]:
-            enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False,
-                            return_token_type_ids=False)
+            enc = tokenizer(
+                prompt, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False
+            )
             t0 = time.perf_counter()
-            out = model.generate(**enc, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             speeds.append((out.shape[1] - enc["input_ids"].shape[1]) / (time.perf_counter() - t0))
-    return EvalResult(hits / len(pairs), math.exp(nll / count), float(np.median(speeds)), len(pairs))
+    return EvalResult(
+        hits / len(pairs), math.exp(nll / count), float(np.median(speeds)), len(pairs)
+    )
 
 
 def evaluate_path(path: str | Path, data: str | Path, limit: int | None = None) -> EvalResult:

@@ -43,21 +43,45 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_META = "edgetune_adapter.json"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
 #: files of a model dir besides its weights that a merged model dir carries over
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
-                "chat_template.jinja", "chat_template.json", "generation_config.json")
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 #: a model smaller than this is one ``model.safetensors``; larger ones get layer-sized shards
 MIN_SHARD_BYTES = 256 << 20
 _LAYER = re.compile(r"^model\.layers\.\d+\.")
 _TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 #: adapter tensors by name suffix -> their role in a LoraUpdate
-_PARTS = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_B.bias": "b_bias",
-          ".lora_magnitude_vector": "magnitude", ".lora_embedding_A": "emb_a",
-          ".lora_embedding_B": "emb_b"}
+_PARTS = {
+    ".lora_A.weight": "a",
+    ".lora_B.weight": "b",
+    ".lora_B.bias": "b_bias",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_embedding_A": "emb_a",
+    ".lora_embedding_B": "emb_b",
+}
 #: adapter_config.json fields of LoRA variants whose merge is not LoRA's or DoRA's
-_UNSUPPORTED = ("use_bdlora", "alora_invocation_tokens", "arrow_config", "velora_config",
-                "monteclora_config", "kasa_config", "mica", "use_qalora",
-                "trainable_token_indices", "layer_replication", "target_parameters")
+_UNSUPPORTED = (
+    "use_bdlora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "mica",
+    "use_qalora",
+    "trainable_token_indices",
+    "layer_replication",
+    "target_parameters",
+)
 
 
 def adapter_base_quantization(adapter_dir: Path) -> str:
@@ -74,8 +98,12 @@ def check_adapter_dir(adapter_dir: Path) -> None:
             raise ModelError(f"{Path(adapter_dir) / name}: missing (not a PEFT adapter directory)")
 
 
-def load_adapted(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
-                 base_quantization: str = "auto", merged_base: bool = False):
+def load_adapted(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    base_quantization: str = "auto",
+    merged_base: bool = False,
+):
     """The base with the adapter applied, through PEFT (the whole model in fp32: for tests
     and evaluation, not for merging). ``base_quantization`` nf4 puts the base in the same
     NF4 form as training: NF4 layers (``merged_base=False``) or their fp32 dequantization
@@ -94,11 +122,13 @@ def load_adapted(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"{adapter_dir}: adapter does not fit the model in {model_dir} "
-                         f"({e})") from None
+        raise ModelError(
+            f"{adapter_dir}: adapter does not fit the model in {model_dir} ({e})"
+        ) from None
 
 
 # -- the adapter, checked against the base's headers -----------------------------------------
+
 
 @dataclass
 class MergePlan:
@@ -139,12 +169,15 @@ def read_plan(adapter_dir: Path, src: SafetensorsSource) -> MergePlan:
     cfg_path, file = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     cfg = read_json(cfg_path, ModelError)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; edgetune merges LORA "
-                         "adapters (LoRA, DoRA, rsLoRA)")
+        raise ModelError(
+            f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; edgetune merges LORA "
+            "adapters (LoRA, DoRA, rsLoRA)"
+        )
     for key in _UNSUPPORTED:
         if cfg.get(key):
-            raise ModelError(f"{cfg_path}: {key} is set; edgetune merges plain LoRA and DoRA "
-                             "adapters only")
+            raise ModelError(
+                f"{cfg_path}: {key} is set; edgetune merges plain LoRA and DoRA adapters only"
+            )
     try:
         r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     except (KeyError, TypeError, ValueError) as e:
@@ -161,24 +194,30 @@ def read_plan(adapter_dir: Path, src: SafetensorsSource) -> MergePlan:
     modules: dict[str, dict[str, str]] = defaultdict(dict)
     for key in adapter.names():
         if not key.startswith(PEFT_PREFIX):
-            raise ModelError(f"{file}: tensor {key!r} is not a PEFT tensor of a causal LM "
-                             f"(names start with {PEFT_PREFIX!r})")
-        name = key[len(PEFT_PREFIX):]
+            raise ModelError(
+                f"{file}: tensor {key!r} is not a PEFT tensor of a causal LM "
+                f"(names start with {PEFT_PREFIX!r})"
+            )
+        name = key[len(PEFT_PREFIX) :]
         suffix = next((s for s in _PARTS if name.endswith(s)), None)
         if suffix is not None:
-            modules[name[:-len(suffix)]][_PARTS[suffix]] = key
+            modules[name[: -len(suffix)]][_PARTS[suffix]] = key
         elif ".base_layer." in name:  # PEFT saves a LoRA-adapted embedding's base weight too
             plan.replaced[name.replace(".base_layer.", ".")] = key
         elif _saved_module(name, modules_to_save) or (train_biases and name.endswith(".bias")):
             plan.replaced[name] = key
         else:
-            raise ModelError(f"{file}: tensor {key!r} is neither a LoRA / DoRA tensor nor part "
-                             f"of modules_to_save {modules_to_save}")
+            raise ModelError(
+                f"{file}: tensor {key!r} is neither a LoRA / DoRA tensor nor part "
+                f"of modules_to_save {modules_to_save}"
+            )
 
     for base_name, key in plan.replaced.items():
         if base_name not in src:
-            raise ModelError(f"{file}: tensor {key!r} replaces {base_name}, which the base model "
-                             f"in {src.dir} does not have")
+            raise ModelError(
+                f"{file}: tensor {key!r} replaces {base_name}, which the base model "
+                f"in {src.dir} does not have"
+            )
         _expect(file, key, adapter.info(key).shape, src.info(base_name).shape, base_name)
     for module, parts in modules.items():
         r = int(_pattern_value(cfg.get("rank_pattern"), module, r0))
@@ -189,28 +228,44 @@ def read_plan(adapter_dir: Path, src: SafetensorsSource) -> MergePlan:
 
 def _expect(file: Path, key: str, got: tuple, want: tuple, base_name: str, why: str = "") -> None:
     if tuple(got) != tuple(want):
-        raise ModelError(f"{file}: tensor {key!r} has shape {list(got)}, expected {list(want)} "
-                         f"for the base tensor {base_name}{why}")
+        raise ModelError(
+            f"{file}: tensor {key!r} has shape {list(got)}, expected {list(want)} "
+            f"for the base tensor {base_name}{why}"
+        )
 
 
-def _add_module(plan: MergePlan, file: Path, src: SafetensorsSource, module: str,
-                parts: dict[str, str], r: int, alpha: float, use_dora: bool, rslora: bool) -> None:
+def _add_module(
+    plan: MergePlan,
+    file: Path,
+    src: SafetensorsSource,
+    module: str,
+    parts: dict[str, str],
+    r: int,
+    alpha: float,
+    use_dora: bool,
+    rslora: bool,
+) -> None:
     """Check one adapted module's tensors against its base weight and record its update."""
     embedding = "emb_a" in parts or "emb_b" in parts
     a, b = (parts.get(p) for p in (("emb_a", "emb_b") if embedding else ("a", "b")))
     some = next(iter(parts.values()))
     if a is None or b is None:
         missing = "A" if a is None else "B"
-        raise ModelError(f"{file}: {some!r} has no lora_{'embedding_' if embedding else ''}"
-                         f"{missing} partner")
+        raise ModelError(
+            f"{file}: {some!r} has no lora_{'embedding_' if embedding else ''}{missing} partner"
+        )
     weight = f"{module}.weight"
     if weight not in src:
-        raise ModelError(f"{file}: tensor {a!r} adapts module {module}, which the base model in "
-                         f"{src.dir} does not have (no tensor {weight})")
+        raise ModelError(
+            f"{file}: tensor {a!r} adapts module {module}, which the base model in "
+            f"{src.dir} does not have (no tensor {weight})"
+        )
     shape = src.info(weight).shape
     if len(shape) != 2:
-        raise ModelError(f"{file}: tensor {a!r} adapts {weight} of shape {list(shape)}; edgetune "
-                         "merges LoRA into 2-D (linear or embedding) weights")
+        raise ModelError(
+            f"{file}: tensor {a!r} adapts {weight} of shape {list(shape)}; edgetune "
+            "merges LoRA into 2-D (linear or embedding) weights"
+        )
     rank = f" at rank {r}"
     if embedding:  # lora_embedding_A (r, vocab), lora_embedding_B (dim, r)
         _expect(file, a, plan.adapter.info(a).shape, (r, shape[0]), weight, rank)
@@ -223,21 +278,32 @@ def _add_module(plan: MergePlan, file: Path, src: SafetensorsSource, module: str
         raise ModelError(f"{file}: use_dora is set but {module} has no lora_magnitude_vector")
     if magnitude is not None:
         if not use_dora:
-            raise ModelError(f"{file}: tensor {magnitude!r} is DoRA's, but the adapter config "
-                             "does not set use_dora")
+            raise ModelError(
+                f"{file}: tensor {magnitude!r} is DoRA's, but the adapter config "
+                "does not set use_dora"
+            )
         if embedding:
-            raise ModelError(f"{file}: tensor {magnitude!r}: DoRA on an embedding is not "
-                             "supported by edgetune merge")
+            raise ModelError(
+                f"{file}: tensor {magnitude!r}: DoRA on an embedding is not "
+                "supported by edgetune merge"
+            )
         _expect(file, magnitude, plan.adapter.info(magnitude).shape, (shape[0],), weight)
     scale = lora_scale(r, alpha, rslora)
     plan.updates[weight] = LoraUpdate(module, a, b, scale, magnitude, embedding)
     if "b_bias" in parts:  # lora_bias: B's bias (times the scale) goes to the base bias
         bias = f"{module}.bias"
         if bias not in src:
-            raise ModelError(f"{file}: tensor {parts['b_bias']!r} needs {bias}, which the base "
-                             f"model in {src.dir} does not have")
-        _expect(file, parts["b_bias"], plan.adapter.info(parts["b_bias"]).shape,
-                src.info(bias).shape, bias)
+            raise ModelError(
+                f"{file}: tensor {parts['b_bias']!r} needs {bias}, which the base "
+                f"model in {src.dir} does not have"
+            )
+        _expect(
+            file,
+            parts["b_bias"],
+            plan.adapter.info(parts["b_bias"]).shape,
+            src.info(bias).shape,
+            bias,
+        )
         plan.biases[bias] = (parts["b_bias"], scale)
 
 
@@ -246,21 +312,28 @@ def nf4_weights(shapes: dict[str, tuple[int, ...]]) -> set[str]:
     the LM head (``edgetune.train.nf4.linear_targets``), which in the supported families'
     checkpoints are the 2-D ``*.weight`` tensors inside ``model.layers`` (the attention and
     MLP projections; norms are 1-D, the embedding and LM head sit outside the layers)."""
-    return {n for n, shape in shapes.items()
-            if _LAYER.match(n) and n.endswith(".weight") and len(shape) == 2}
+    return {
+        n
+        for n, shape in shapes.items()
+        if _LAYER.match(n) and n.endswith(".weight") and len(shape) == 2
+    }
 
 
 # -- the output ------------------------------------------------------------------------------
 
+
 def _order(name: str) -> tuple:
     """Sort key: the model's own tensors, then the LM head; model.layers.2 before
     model.layers.10, so each layer's tensors stay together."""
-    return (not name.startswith("model."),
-            [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+    return (
+        not name.startswith("model."),
+        [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)],
+    )
 
 
-def plan_shards(src: SafetensorsSource, shard_bytes: int | None = None
-                ) -> list[tuple[str, list[str]]]:
+def plan_shards(
+    src: SafetensorsSource, shard_bytes: int | None = None
+) -> list[tuple[str, list[str]]]:
     """[(file name, tensor names)] of the output, in order. Whole decoder layers (or single
     other tensors) are packed into a shard until the next would take it past ``shard_bytes``
     (default: the larger of the largest tensor, the largest layer and ``MIN_SHARD_BYTES``);
@@ -291,12 +364,12 @@ def plan_shards(src: SafetensorsSource, shard_bytes: int | None = None
             size += nbytes[n]
     if len(groups) == 1:
         return [("model.safetensors", groups[0])]
-    return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g)
-            for i, g in enumerate(groups)]
+    return [
+        (f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)
+    ]
 
 
-def merged_tensor(name: str, src: SafetensorsSource, plan: MergePlan,
-                  nf4: set[str]) -> np.ndarray:
+def merged_tensor(name: str, src: SafetensorsSource, plan: MergePlan, nf4: set[str]) -> np.ndarray:
     """Tensor ``name`` of the merged model: the base's (NF4 round trip where training had it
     so), or its modules_to_save replacement, plus the adapter's update. Untouched tensors are
     their stored values (fp32 for bf16, which the writer rounds back to the same bits)."""
@@ -311,8 +384,13 @@ def merged_tensor(name: str, src: SafetensorsSource, plan: MergePlan,
             nf4_roundtrip(x)
     if name in plan.updates:
         upd, ad = plan.updates[name], plan.adapter
-        apply_update(x, ad.array(upd.a), ad.array(upd.b), upd,
-                     ad.array(upd.magnitude) if upd.magnitude else None)
+        apply_update(
+            x,
+            ad.array(upd.a),
+            ad.array(upd.b),
+            upd,
+            ad.array(upd.magnitude) if upd.magnitude else None,
+        )
     if name in plan.biases:
         key, scale = plan.biases[name]
         apply_bias(x, plan.adapter.array(key), scale)
@@ -328,9 +406,14 @@ def _write_config(model_dir: Path, work: Path, dtype: str) -> None:
     (work / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike,
-          base_quantization: str = "auto", force: bool = False,
-          shard_bytes: int | None = None) -> Path:
+def merge(
+    model_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    base_quantization: str = "auto",
+    force: bool = False,
+    shard_bytes: int | None = None,
+) -> Path:
     """Write a plain Hugging Face model dir (safetensors, the base's dtype) with the adapter
     merged in; ``shard_bytes`` caps each weights file (default: about one decoder layer)."""
     from tqdm.auto import tqdm
@@ -339,16 +422,21 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: output exists (use --force to replace it)")
     if base_quantization not in BASE_QUANTIZATIONS:
-        raise ConfigError(f"base_quantization must be one of {', '.join(BASE_QUANTIZATIONS)}, "
-                          f"got {base_quantization!r}")
+        raise ConfigError(
+            f"base_quantization must be one of {', '.join(BASE_QUANTIZATIONS)}, "
+            f"got {base_quantization!r}"
+        )
     check_model_dir(model_dir)
     check_adapter_dir(adapter_dir)
     if base_quantization == "auto":
         base_quantization = adapter_base_quantization(adapter_dir)
     src = SafetensorsSource(model_dir)
     plan = read_plan(adapter_dir, src)  # every check before the first byte is written
-    nf4 = (nf4_weights({n: i.shape for n, i in src.tensors.items()})
-           if base_quantization == "nf4" else set())
+    nf4 = (
+        nf4_weights({n: i.shape for n, i in src.tensors.items()})
+        if base_quantization == "nf4"
+        else set()
+    )
     shards = plan_shards(src, shard_bytes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -363,8 +451,10 @@ def merge(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out: str
                     bar.update()
         bar.close()
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(i.nbytes for i in src.tensors.values())},
-                     "weight_map": {n: f for f, names in shards for n in sorted(names)}}
+            index = {
+                "metadata": {"total_size": sum(i.nbytes for i in src.tensors.values())},
+                "weight_map": {n: f for f, names in shards for n in sorted(names)},
+            }
             (work / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         _write_config(model_dir, work, src.dtype())
         for name in COPIED_FILES:

@@ -58,8 +58,13 @@ def _rows(w: np.ndarray) -> int:
     return max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
 
 
-def apply_update(w: np.ndarray, a: np.ndarray, b: np.ndarray, update: LoraUpdate,
-                 magnitude: np.ndarray | None = None) -> np.ndarray:
+def apply_update(
+    w: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    update: LoraUpdate,
+    magnitude: np.ndarray | None = None,
+) -> np.ndarray:
     """Merge one module's adapter into its base weight ``w`` (out, in) fp32, in place.
 
     ``a``/``b`` are the fp32 values of ``update.a``/``update.b``, ``magnitude`` of
@@ -67,18 +72,18 @@ def apply_update(w: np.ndarray, a: np.ndarray, b: np.ndarray, update: LoraUpdate
     s = np.float32(update.scale)
     step = _rows(w)
     for i in range(0, w.shape[0], step):
-        rows = w[i:i + step]  # (rows, in), a view
+        rows = w[i : i + step]  # (rows, in), a view
         if update.embedding:  # (B @ A).T restricted to these rows = A[:, rows].T @ B.T
-            delta = a[:, i:i + step].T @ b.T
+            delta = a[:, i : i + step].T @ b.T
         else:
-            delta = b[i:i + step] @ a  # (rows, r) @ (r, in)
+            delta = b[i : i + step] @ a  # (rows, r) @ (r, in)
         delta *= s
         rows += delta
         if magnitude is not None:
             # PEFT: torch.linalg.norm(W + delta, dim=1) in fp32; accumulated in fp64 here
             # (the two agree to ~1e-7 relative), then m / norm in fp32 as PEFT divides
             norm = np.sqrt(np.square(rows, dtype=np.float64).sum(axis=1)).astype(np.float32)
-            rows *= (magnitude[i:i + step] / norm)[:, None]
+            rows *= (magnitude[i : i + step] / norm)[:, None]
     return w
 
 

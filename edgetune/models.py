@@ -34,8 +34,9 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     cfg = read_json(cfg_path, ModelError)
     mtype = cfg.get("model_type")
     if mtype not in SUPPORTED:
-        raise ModelError(f"{cfg_path}: model_type {mtype!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED)}")
+        raise ModelError(
+            f"{cfg_path}: model_type {mtype!r} is not supported; supported: {', '.join(SUPPORTED)}"
+        )
     return cfg
 
 
@@ -46,8 +47,10 @@ def check_model_dir(model_dir: str | os.PathLike) -> dict:
     weights = sorted(d.glob("*.safetensors"))
     if not weights:
         if list(d.glob("*.bin")) or list(d.glob("*.pt")):
-            raise ModelError(f"{d}: only pickle weights (.bin/.pt) found; edgetune loads "
-                             "safetensors only (convert with save_pretrained(safe_serialization=True))")
+            raise ModelError(
+                f"{d}: only pickle weights (.bin/.pt) found; edgetune loads "
+                "safetensors only (convert with save_pretrained(safe_serialization=True))"
+            )
         raise ModelError(f"{d}: no *.safetensors weights found")
     from .tensors import SafetensorsSource
 
@@ -65,12 +68,17 @@ def load_model(model_dir: str | os.PathLike, dtype=None, device: str = "cpu"):
     check_model_dir(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype or torch.float32, use_safetensors=True,
-            trust_remote_code=False, low_cpu_mem_usage=True,
+            str(model_dir),
+            dtype=dtype or torch.float32,
+            use_safetensors=True,
+            trust_remote_code=False,
+            low_cpu_mem_usage=True,
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{model_dir}: could not load the model ({e})") from None
-    return model.to(device)
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose typeshed _Wrapped
+    # does not bind self (no __get__), so mypy takes ``device`` for the model argument
+    return model.to(device)  # type: ignore[arg-type]
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

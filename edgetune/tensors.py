@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,18 @@ from .errors import ModelError
 INDEX = "model.safetensors.index.json"
 
 # safetensors dtype -> (numpy dtype it is stored as, bytes per element)
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-           "BOOL": np.bool_}
+_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 _WRITE_CHUNK = 1 << 22  # values converted and written at a time
 
@@ -60,8 +70,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise ModelError(f"{path}: truncated safetensors file (no header)")
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, _MAX_HEADER):
-            raise ModelError(f"{path}: truncated or not a safetensors file (header of {n} bytes "
-                             f"in a {size}-byte file)")
+            raise ModelError(
+                f"{path}: truncated or not a safetensors file (header of {n} bytes "
+                f"in a {size}-byte file)"
+            )
         try:
             meta = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -74,18 +86,25 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = t["dtype"], tuple(int(d) for d in t["shape"]), t["data_offsets"]
+            dtype, shape, (start, end) = (
+                t["dtype"],
+                tuple(int(d) for d in t["shape"]),
+                t["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{path}: tensor {name!r}: damaged header entry {t!r}") from None
         if dtype not in _DTYPES:
             raise ModelError(f"{path}: tensor {name!r}: dtype {dtype} is not supported")
         want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
         if end - start != want or start < 0:
-            raise ModelError(f"{path}: tensor {name!r}: {end - start} bytes for shape "
-                             f"{list(shape)} of {dtype} ({want} expected)")
+            raise ModelError(
+                f"{path}: tensor {name!r}: {end - start} bytes for shape "
+                f"{list(shape)} of {dtype} ({want} expected)"
+            )
         if base + end > size:
-            raise ModelError(f"{path}: truncated: tensor {name!r} ends at byte {base + end}, the "
-                             f"file has {size}")
+            raise ModelError(
+                f"{path}: truncated: tensor {name!r} ends at byte {base + end}, the file has {size}"
+            )
         out[name] = TensorInfo(name, path, dtype, shape, base + start, want)
     return out
 
@@ -112,7 +131,9 @@ class SafetensorsSource:
             for f in files:
                 if not (self.dir / f).is_file():
                     owner = next(k for k, v in weight_map.items() if v == f)
-                    raise ModelError(f"{index}: names shard {f} (e.g. for {owner}), which is missing")
+                    raise ModelError(
+                        f"{index}: names shard {f} (e.g. for {owner}), which is missing"
+                    )
         else:
             weight_map, files = None, sorted(p.name for p in self.dir.glob("*.safetensors"))
         if not files:
@@ -121,8 +142,9 @@ class SafetensorsSource:
         for f in files:
             for name, info in read_header(self.dir / f).items():
                 if name in self.tensors:
-                    raise ModelError(f"{self.dir / f}: tensor {name!r} also in "
-                                     f"{self.tensors[name].file.name}")
+                    raise ModelError(
+                        f"{self.dir / f}: tensor {name!r} also in {self.tensors[name].file.name}"
+                    )
                 self.tensors[name] = info
         if weight_map is not None:
             for name, f in weight_map.items():
@@ -144,8 +166,10 @@ class SafetensorsSource:
         """The tensor's info, checked against the shape the config implies."""
         info = self.info(name)
         if info.shape != tuple(shape):
-            raise ModelError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
-                             f"config.json implies {list(shape)}")
+            raise ModelError(
+                f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                f"config.json implies {list(shape)}"
+            )
         return info
 
     def raw(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
@@ -159,7 +183,7 @@ class SafetensorsSource:
             shape, offset = (stop - start, *shape[1:]), offset + start * row
         out = np.empty(shape, dt)
         with open(info.file, "rb") as f:
-            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8))) if f.seek(offset) == offset else 0
+            got = f.readinto(out.reshape(-1).view(np.uint8).data) if f.seek(offset) == offset else 0
         if got != out.nbytes:
             raise ModelError(f"{info.file}: truncated while reading tensor {name!r}")
         return out
@@ -195,15 +219,23 @@ class SafetensorsWriter:
     Tensors must be written in the order given; ``close`` checks that all were.
     """
 
-    def __init__(self, path: str | os.PathLike, specs: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Sequence[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
         self.path = Path(path)
         self.specs = [(n, d, tuple(int(s) for s in shape)) for n, d, shape in specs]
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         pos = 0
         for name, dtype, shape in self.specs:
             nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [pos, pos + nbytes],
+            }
             pos += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # tensors start 8-byte aligned, as safetensors writes them
@@ -215,11 +247,12 @@ class SafetensorsWriter:
         """Append tensor ``name`` (any float array; converted to its declared dtype)."""
         want, dtype, shape = self.specs[self._next]
         if name != want or tuple(x.shape) != shape:
-            raise ValueError(f"{self.path}: expected {want} {list(shape)} next, got {name} "
-                             f"{list(x.shape)}")
+            raise ValueError(
+                f"{self.path}: expected {want} {list(shape)} next, got {name} {list(x.shape)}"
+            )
         flat = x.reshape(-1)
         for a in range(0, flat.size, _WRITE_CHUNK):  # converted piecewise: no full-size temporaries
-            self._f.write(memoryview(_narrow(flat[a:a + _WRITE_CHUNK], dtype).view(np.uint8)))
+            self._f.write(_narrow(flat[a : a + _WRITE_CHUNK], dtype).view(np.uint8).data)
         self._next += 1
 
     def close(self) -> None:

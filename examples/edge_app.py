@@ -1,7 +1,7 @@
 """A tiny edge app: typed home-automation commands -> JSON actions, with no torch.
 
-    edgetune quickstart            # builds edgetune-quickstart/bundle
-    python examples/edge_app.py edgetune-quickstart/bundle
+edgetune quickstart            # builds edgetune-quickstart/bundle
+python examples/edge_app.py edgetune-quickstart/bundle
 """
 
 import json

@@ -71,7 +71,9 @@ def stdlib_docstrings() -> list[str]:
                 continue
             docs.extend(_comment_paragraphs(source))
             for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if isinstance(
+                    node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+                ):
                     doc = ast.get_docstring(node)
                     if doc and len(doc) > 40:
                         docs.append(doc.strip())
@@ -156,7 +158,11 @@ def main() -> None:
     model.train()
     while time.time() - start < budget:
         frac = min(1.0, (time.time() - start) / budget)
-        lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = (
+            args.lr
+            * min(1.0, (step + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         batch = data[torch.randint(len(data), (args.batch_size,))]  # (B, T+1)
@@ -166,8 +172,10 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0:
-            print(f"step {step:5d}  loss {out.loss.item():.3f}  lr {lr:.2e}  {time.time() - start:6.0f}s",
-                  flush=True)
+            print(
+                f"step {step:5d}  loss {out.loss.item():.3f}  lr {lr:.2e}  {time.time() - start:6.0f}s",
+                flush=True,
+            )
         step += 1
 
     out_dir = Path(args.out)
@@ -185,8 +193,11 @@ def main() -> None:
         chat_template=CHAT_TEMPLATE,
     )
     hf_tok.save_pretrained(out_dir)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id, eot],
-           "pad_token_id": cfg.pad_token_id}
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": [cfg.eos_token_id, eot],
+        "pad_token_id": cfg.pad_token_id,
+    }
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     print(f"saved to {out_dir} after {step} steps")
 

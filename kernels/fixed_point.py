@@ -75,8 +75,9 @@ def fixed_layer(w: Q4Weight) -> FixedQ4Layer:
     codes[..., 0::2] = w.packed & 0x0F
     codes[..., 1::2] = w.packed >> 4
     frac = frac_bits_for(w.scales)
-    return FixedQ4Layer(codes.reshape(w.n, w.k), w.zp_values.copy(), to_fixed(w.scales, frac), frac,
-                        w.block)
+    return FixedQ4Layer(
+        codes.reshape(w.n, w.k), w.zp_values.copy(), to_fixed(w.scales, frac), frac, w.block
+    )
 
 
 @dataclass(frozen=True)
@@ -143,16 +144,30 @@ def fixed_scales(w: Q4Weight) -> tuple[np.ndarray, int]:
     return to_fixed(w.scales, frac), frac
 
 
-def q4q8_gemv_fixed_fast(w: Q4Weight, ws_fx: np.ndarray, ws_frac: int,
-                         act: FixedActivation) -> np.ndarray:
+def q4q8_gemv_fixed_fast(
+    w: Q4Weight, ws_fx: np.ndarray, ws_frac: int, act: FixedActivation
+) -> np.ndarray:
     """The CPU kernels' integer mode (Numba) over the packed weight: bit-exact with
     :func:`q4q8_gemv_fixed`. Returns int32 (N,) in Q(OUT_FRAC)."""
     from .numba_kernels import q4q8_gemv_fixed as kernel
 
-    if ws_fx.shape != w.scales.shape or act.xq.shape != (w.k,) or act.xs_fx.shape != (w.k // w.block,):
-        raise ValueError(f"shapes do not match: weight (N={w.n}, K={w.k}, block={w.block}), "
-                         f"scales {ws_fx.shape}, activation {act.xq.shape}")
+    if (
+        ws_fx.shape != w.scales.shape
+        or act.xq.shape != (w.k,)
+        or act.xs_fx.shape != (w.k // w.block,)
+    ):
+        raise ValueError(
+            f"shapes do not match: weight (N={w.n}, K={w.k}, block={w.block}), "
+            f"scales {ws_fx.shape}, activation {act.xq.shape}"
+        )
     out = np.empty(w.n, np.int32)
-    kernel(w.packed, w.zp_values, np.ascontiguousarray(ws_fx, np.int16), act.xq,
-           np.ascontiguousarray(act.xs_fx), ws_frac + act.xs_frac - OUT_FRAC, out)
+    kernel(
+        w.packed,
+        w.zp_values,
+        np.ascontiguousarray(ws_fx, np.int16),
+        act.xq,
+        np.ascontiguousarray(act.xs_fx),
+        ws_frac + act.xs_frac - OUT_FRAC,
+        out,
+    )
     return out

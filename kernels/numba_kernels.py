@@ -45,7 +45,7 @@ def q4_dequantize_nk(packed, scales, zps, out):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def q4_gemm(xe, xo, xsum, packed, scales, zps, out):  # pragma: no cover - compiled
+def q4_f32_gemm(xe, xo, xsum, packed, scales, zps, out):  # pragma: no cover - compiled
     """out (M, N) = x (M, K) @ dequant(B). ``xe``/``xo`` are x's even and odd positions (so
     byte j of a block meets them without strided loads) and ``xsum`` its block sums (the
     zero point comes off as zp * sum(x) per block). Nibbles are split in float32:
@@ -69,7 +69,7 @@ def q4_gemm(xe, xo, xsum, packed, scales, zps, out):  # pragma: no cover - compi
 
 
 @njit(parallel=True, cache=True)
-def q4q8_gemm(xe, xo, xsum, xs, packed, scales, zps, out):  # pragma: no cover - compiled
+def q4_q8_gemm(xe, xo, xsum, xs, packed, scales, zps, out):  # pragma: no cover - compiled
     """Integer datapath: int32 block sums of q * xq minus zp * sum(xq), then both scales;
     ``xe``/``xo`` are the int8 codes at even and odd positions, ``xsum`` their block sums."""
     m_rows = xe.shape[0]
@@ -82,8 +82,9 @@ def q4q8_gemm(xe, xo, xsum, xs, packed, scales, zps, out):  # pragma: no cover -
                 base = b * half
                 for j in range(half):
                     p = np.int32(packed[r, b, j])
-                    dot += ((p & np.int32(15)) * np.int32(xe[m, base + j])
-                            + (p >> np.int32(4)) * np.int32(xo[m, base + j]))
+                    dot += (p & np.int32(15)) * np.int32(xe[m, base + j]) + (
+                        p >> np.int32(4)
+                    ) * np.int32(xo[m, base + j])
                 dot -= np.int32(zps[r, b]) * xsum[m, b]
                 acc += np.float32(dot) * (scales[r, b] * xs[m, b])
             out[m, r] = acc
@@ -107,8 +108,9 @@ def nf4_q8_gemv(xe, xo, xs127, packed, absmax, code_i8, out):  # pragma: no cove
                 base = b * 32
                 for j in range(32):
                     p = packed[row + base + j]
-                    dot += (np.int32(code_i8[p & 15]) * np.int32(xe[m, base + j])
-                            + np.int32(code_i8[p >> 4]) * np.int32(xo[m, base + j]))
+                    dot += np.int32(code_i8[p & 15]) * np.int32(xe[m, base + j]) + np.int32(
+                        code_i8[p >> 4]
+                    ) * np.int32(xo[m, base + j])
                 acc += np.float32(dot) * (absmax[r * nb + b] * xs127[m, b])
             out[m, r] = acc
 
@@ -154,7 +156,7 @@ def q4q8_gemv_fixed(packed, zps, ws_fx, xq, xs_fx, shift, out):  # pragma: no co
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def q8w_gemm(x, codes, scales, out):  # pragma: no cover - compiled
+def q8_f32_gemm(x, codes, scales, out):  # pragma: no cover - compiled
     """out (M, N) = x (M, K) @ dequant(B) for 8-bit MatMulNBits weights (zero point 128)."""
     m_rows = x.shape[0]
     n_rows, nb, block = codes.shape
@@ -174,7 +176,7 @@ def q8w_gemm(x, codes, scales, out):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def nf4_gemv(x, packed, absmax, code, out):  # pragma: no cover - compiled
+def nf4_f32_gemv(x, packed, absmax, code, out):  # pragma: no cover - compiled
     """out (M, N) = x (M, K) @ W.T for an NF4 weight W (N, K); one absmax per 64 elements,
     applied once per block to the block's sum."""
     m_rows, k = x.shape

@@ -32,10 +32,22 @@ import numpy as np
 #: bitsandbytes' NF4 code book (QLoRA, appendix E); index 7 is exactly 0.0.
 NF4_CODE = np.array(
     [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
     ],
     dtype=np.float32,
 )
@@ -64,6 +76,7 @@ def dynamic_map_signed() -> np.ndarray:
 #: The same code exactly as bitsandbytes' ``create_dynamic_map(signed=True)`` returns it: its
 #: float32 arithmetic rounds some entries one ulp away from :func:`dynamic_map_signed`, and
 #: double quantization must pick bitsandbytes' codes, so the table is spelled out.
+# fmt: off
 DYNAMIC_MAP = np.array([
     -0.99296874, -0.9789063, -0.96484375, -0.9507812, -0.93671876, -0.92265624, -0.9085938,
     -0.89453125, -0.8804687, -0.86640626, -0.85234374, -0.8382813, -0.82421875, -0.8101562,
@@ -103,6 +116,7 @@ DYNAMIC_MAP = np.array([
     0.86640626, 0.8804687, 0.89453125, 0.9085938, 0.92265624, 0.93671876, 0.9507812, 0.96484375,
     0.9789063, 0.99296874, 1.0,
 ], dtype=np.float32)
+# fmt: on
 assert DYNAMIC_MAP.shape == (256,)
 
 
@@ -161,8 +175,9 @@ def blockwise_absmax(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]
     return blocks, np.abs(blocks).max(axis=1)
 
 
-def quantize_absmax(absmax: np.ndarray, offset: float | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, float]:
+def quantize_absmax(
+    absmax: np.ndarray, offset: float | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Double quantization: (absmax - mean) as 8-bit dynamic codes in blocks of 256.
 
     The mean is the correctly rounded float32 mean; bitsandbytes takes torch's float32 mean,
@@ -202,7 +217,7 @@ def nf4_dequantize(t: NF4Tensor) -> np.ndarray:
     return values.astype(np.float32).reshape(t.shape)
 
 
-def nf4_gemv(x: np.ndarray, t: NF4Tensor) -> np.ndarray:
+def nf4_f32_gemv(x: np.ndarray, t: NF4Tensor) -> np.ndarray:
     """y = x @ W.T for an NF4 weight W of shape (N, K) (PyTorch Linear layout); x (M, K)."""
     return (x.astype(np.float32) @ nf4_dequantize(t).T).astype(np.float32)
 
@@ -216,7 +231,7 @@ NF4_CODE_I8 = np.round(NF4_CODE.astype(np.float64) * 127).astype(np.int8)
 def nf4_q8_gemv(x: np.ndarray, t: NF4Tensor) -> np.ndarray:
     """Integer datapath y = x @ W.T for an NF4 weight W (N, K), K a multiple of 64: x
     quantized to Q8 per 64-element block (aligned with the NF4 blocks), int32 block sums of
-    ``NF4_CODE_I8[code] * xq``, then x absmax x xs / 127. Against :func:`nf4_gemv` it adds
+    ``NF4_CODE_I8[code] * xq``, then x absmax x xs / 127. Against :func:`nf4_f32_gemv` it adds
     the code book's rounding (at most 0.5 / 127 of a block's absmax per weight) and the
     activations' Q8 rounding, as ONNX Runtime's ``accuracy_level=4`` does for int4."""
     n, k = t.shape
@@ -309,8 +324,9 @@ def codes_for(blocks: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.n
     return np.clip(np.round(blocks * inv[..., None]) + zeros[..., None], 0, 15).astype(np.uint8)
 
 
-def q4_weight(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
-              block: int) -> Q4Weight:
+def q4_weight(
+    codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, block: int
+) -> Q4Weight:
     """Pack codes (N, K) (or (N, nb, block)) with scales/zeros (N, K/block) into a Q4Weight;
     ``zeros`` None means symmetric (every zero point 8)."""
     n = codes.shape[0]
@@ -320,8 +336,14 @@ def q4_weight(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None,
     zp = None
     if zeros is not None:
         zp = np.stack([pack_nibbles(row) for row in np.asarray(zeros).astype(np.uint8)])
-    return Q4Weight(packed, np.ascontiguousarray(scales, dtype=np.float32).reshape(n, nb), zp,
-                    nb * block, n, block)
+    return Q4Weight(
+        packed,
+        np.ascontiguousarray(scales, dtype=np.float32).reshape(n, nb),
+        zp,
+        nb * block,
+        n,
+        block,
+    )
 
 
 def q4_quantize(b: np.ndarray, block: int = 32, symmetric: bool = True) -> Q4Weight:
@@ -350,7 +372,7 @@ def q4_dequantize(w: Q4Weight) -> np.ndarray:
     return ((q - zp[..., None]) * w.scales[..., None]).reshape(w.n, w.k).T.copy()
 
 
-def q4_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
+def q4_f32_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
     """y = x @ dequant(B) for activations x (M, K) in fp32."""
     return (x.astype(np.float32) @ q4_dequantize(w)).astype(np.float32)
 
@@ -365,7 +387,7 @@ def q8_quantize(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(m, k), scales
 
 
-def q4q8_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
+def q4_q8_gemm(x: np.ndarray, w: Q4Weight) -> np.ndarray:
     """Integer-datapath y = x @ B: int32 block sums of (q - zp) × xq, then × both scales."""
     xq, xs = q8_quantize(x, w.block)
     m = x.shape[0]
@@ -411,12 +433,13 @@ def q8_weight_dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return ((q.astype(np.float32) - 128.0) * scales[..., None]).reshape(n, nb * block).T.copy()
 
 
-def q8w_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def q8_f32_gemm(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """y = x @ dequant(B) for an 8-bit MatMulNBits weight (see :func:`q8_weight_quantize`)."""
     return (x.astype(np.float32) @ q8_weight_dequantize(codes, scales)).astype(np.float32)
 
 
 # -- decoder ops of the native runtime (one token's worth of non-matmul work) ---------------
+
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (T, H) over its root mean square, times w (H,)."""
@@ -449,8 +472,8 @@ def attention_decode(q, k, v, kc, vc, cos, sin, pos: int, first: int, scale: flo
     vc[:, pos] = v
     group = q.shape[0] // k.shape[0]
     qr = rope_rotate(q, cos, sin)
-    keys = np.repeat(kc[:, first:pos + 1], group, axis=0)
-    vals = np.repeat(vc[:, first:pos + 1], group, axis=0)
+    keys = np.repeat(kc[:, first : pos + 1], group, axis=0)
+    vals = np.repeat(vc[:, first : pos + 1], group, axis=0)
     s = np.einsum("hd,hsd->hs", qr, keys) * np.float32(scale)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)

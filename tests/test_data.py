@@ -15,20 +15,24 @@ def write(tmp_path, lines):
     return p
 
 
-GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                {"role": "assistant", "content": "hello"}]})
+GOOD = json.dumps(
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+)
 
 
-@pytest.mark.parametrize("line, field", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"foo": 1}), "no 'messages', 'prompt'/'completion' or 'text'"),
-    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "messages[0].role"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "no assistant turn"),
-    (json.dumps({"messages": [{"role": "user"}]}), "messages[0]"),
-    (json.dumps({"prompt": "x"}), "'completion' is missing"),
-    (json.dumps({"text": 3}), "field 'text' must be a string"),
-    (json.dumps([1, 2]), "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"foo": 1}), "no 'messages', 'prompt'/'completion' or 'text'"),
+        (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "messages[0].role"),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "no assistant turn"),
+        (json.dumps({"messages": [{"role": "user"}]}), "messages[0]"),
+        (json.dumps({"prompt": "x"}), "'completion' is missing"),
+        (json.dumps({"text": 3}), "field 'text' must be a string"),
+        (json.dumps([1, 2]), "expected a JSON object"),
+    ],
+)
 def test_bad_line_names_file_line_and_field(tmp_path, line, field):
     p = write(tmp_path, [GOOD, "", line])
     with pytest.raises(DataError) as e:
@@ -51,16 +55,30 @@ def test_non_utf8_line(tmp_path):
 
 
 def test_three_formats_load(tmp_path):
-    p = write(tmp_path, [GOOD, json.dumps({"prompt": "a", "completion": "b"}),
-                         json.dumps({"text": "plain"})])
+    p = write(
+        tmp_path,
+        [GOOD, json.dumps({"prompt": "a", "completion": "b"}), json.dumps({"text": "plain"})],
+    )
     assert [e.kind for e in load_examples(p)] == ["messages", "prompt", "text"]
 
 
 def test_loss_only_on_assistant_tokens(tiny_tokenizer, tmp_path):
-    p = write(tmp_path, [json.dumps({"messages": [
-        {"role": "system", "content": "sys"}, {"role": "user", "content": "turn on"},
-        {"role": "assistant", "content": "{\"a\": 1}"}, {"role": "user", "content": "again"},
-        {"role": "assistant", "content": "ok"}]})])
+    p = write(
+        tmp_path,
+        [
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "sys"},
+                        {"role": "user", "content": "turn on"},
+                        {"role": "assistant", "content": '{"a": 1}'},
+                        {"role": "user", "content": "again"},
+                        {"role": "assistant", "content": "ok"},
+                    ]
+                }
+            )
+        ],
+    )
     (t,) = tokenize_examples(tiny_tokenizer, load_examples(p), 256)
     learned = tiny_tokenizer.decode([i for i in t.labels if i != IGNORE])
     assert learned == '{"a": 1}<|end|>\nok<|end|>\n'
@@ -99,7 +117,16 @@ def test_messages_without_chat_template_name_the_line(tiny_model, tmp_path):
     tok = load_tokenizer(tiny_model)
     tok.chat_template = None
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                          {"role": "assistant", "content": "ok"}]}) + "\n")
+    p.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"d\.jsonl:1: .*chat template"):
         tokenize_examples(tok, load_examples(p), seq_len=64)

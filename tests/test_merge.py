@@ -17,8 +17,12 @@ from edgetune.merge import ADAPTER_META, load_adapted, merge, nf4_weights
 from edgetune.models import load_model
 from edgetune.tensors import INDEX, SafetensorsSource, read_header
 
-TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "chat_template.jinja")
+TOKENIZER = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def rel_err(a, b):
@@ -32,9 +36,17 @@ def random_adapter(model_dir, out, method="lora", rank=4, targets="all-linear", 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(load_model(model_dir), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=targets, use_dora=method.endswith("dora"),
-        task_type="CAUSAL_LM", **kw))
+    model = get_peft_model(
+        load_model(model_dir),
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=targets,
+            use_dora=method.endswith("dora"),
+            task_type="CAUSAL_LM",
+            **kw,
+        ),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or "lora_embedding_A" in name:  # the ones PEFT zeroes
@@ -44,8 +56,11 @@ def random_adapter(model_dir, out, method="lora", rank=4, targets="all-linear", 
             elif "modules_to_save" in name:  # a trained head differs from the base's
                 p.add_(0.01 * torch.randn_like(p))
     model.save_pretrained(str(out))
-    (out / ADAPTER_META).write_text(json.dumps(
-        {"method": method, "base_quantization": "nf4" if method.startswith("q") else "none"}))
+    (out / ADAPTER_META).write_text(
+        json.dumps(
+            {"method": method, "base_quantization": "nf4" if method.startswith("q") else "none"}
+        )
+    )
     return out
 
 
@@ -92,9 +107,15 @@ def test_streamed_merge_equals_peft_merge(method, family, family_model, tmp_path
 def test_rslora_rank_pattern_and_modules_to_save(family_model, tmp_path):
     """alpha / sqrt(r), per-module ranks, and a trained LM head that replaces the base's."""
     base = family_model("llama")
-    adapter = random_adapter(base, tmp_path / "adapter", "qdora", targets=["q_proj", "down_proj"],
-                             use_rslora=True, rank_pattern={"down_proj": 2},
-                             modules_to_save=["lm_head"])
+    adapter = random_adapter(
+        base,
+        tmp_path / "adapter",
+        "qdora",
+        targets=["q_proj", "down_proj"],
+        use_rslora=True,
+        rank_pattern={"down_proj": 2},
+        modules_to_save=["lm_head"],
+    )
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
@@ -127,7 +148,8 @@ def test_dtype_kept_and_loads_in_transformers(kind, family_model, tiny_model, tm
     else:  # a bf16 base in HF's own sharded layout
         base, dtype, torch_dtype = tmp_path / "base", "BF16", torch.bfloat16
         load_model(family_model("phi3")).to(torch.bfloat16).save_pretrained(
-            base, max_shard_size="200KB")
+            base, max_shard_size="200KB"
+        )
         for name in TOKENIZER:
             shutil.copy(family_model("phi3") / name, base / name)
         assert (base / INDEX).is_file()
@@ -166,8 +188,10 @@ def test_sharded_base_and_sharded_output(family_model, tmp_path, monkeypatch):
     out = merge(base, adapter, tmp_path / "merged")
 
     src = SafetensorsSource(base)
-    limit = max(max(i.nbytes for i in src.tensors.values()),
-                sum(i.nbytes for n, i in src.tensors.items() if n.startswith("model.layers.0.")))
+    limit = max(
+        max(i.nbytes for i in src.tensors.values()),
+        sum(i.nbytes for n, i in src.tensors.items() if n.startswith("model.layers.0.")),
+    )
     index = json.loads((out / INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
@@ -191,24 +215,32 @@ def _rewrite_adapter(adapter, edit):
     save_file(tensors, str(f), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("damage, match", [
-    ("absent-module", r"adapter_model\.safetensors: tensor .*layers\.7\.self_attn\.q_proj"),
-    ("wrong-shape", r"adapter_model\.safetensors: tensor .*layers\.1\.mlp\.down_proj\.lora_B"),
-    ("missing-file", r"adapter_model\.safetensors: missing"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("absent-module", r"adapter_model\.safetensors: tensor .*layers\.7\.self_attn\.q_proj"),
+        ("wrong-shape", r"adapter_model\.safetensors: tensor .*layers\.1\.mlp\.down_proj\.lora_B"),
+        ("missing-file", r"adapter_model\.safetensors: missing"),
+    ],
+)
 def test_bad_adapter_is_refused_before_writing(damage, match, family_model, tmp_path):
     base = family_model("llama")
     adapter = random_adapter(base, tmp_path / "adapter", "lora")
     if damage == "absent-module":  # the base has 2 layers
+
         def edit(t):
             for part in ("lora_A", "lora_B"):
                 t[f"base_model.model.model.layers.7.self_attn.q_proj.{part}.weight"] = t.pop(
-                    f"base_model.model.model.layers.0.self_attn.q_proj.{part}.weight")
+                    f"base_model.model.model.layers.0.self_attn.q_proj.{part}.weight"
+                )
+
         _rewrite_adapter(adapter, edit)
     elif damage == "wrong-shape":
+
         def edit(t):
             k = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
             t[k] = torch.zeros(t[k].shape[0] + 1, t[k].shape[1])
+
         _rewrite_adapter(adapter, edit)
     else:
         (adapter / "adapter_model.safetensors").unlink()
@@ -250,20 +282,24 @@ print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.star
 
 def merge_peak_rss(model, adapter, out, quantization="auto") -> int:
     """VmHWM of a fresh interpreter that only merges."""
-    r = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(model), str(adapter), str(out),
-                        quantization], capture_output=True, text=True,
-                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    r = subprocess.run(
+        [sys.executable, "-c", _PEAK_CHILD, str(model), str(adapter), str(out), quantization],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return int(r.stdout.split()[-1])
 
 
 def test_peak_memory_is_flat_in_depth(tmp_path):
     from edgetune.bench.random_model import make_random_model
-    from edgetune.bench.scale import write_random_adapter
+    from edgetune.bench.scale_stages import write_random_adapter
 
     h, i = 768, 3072
-    shape = dict(hidden=h, intermediate=i, heads=12, kv_heads=12, vocab=2048, family="phi3",
-                 dtype="BF16")
+    shape = dict(
+        hidden=h, intermediate=i, heads=12, kv_heads=12, vocab=2048, family="phi3", dtype="BF16"
+    )
     layer_fp32 = 4 * h * (3 * h + h + 2 * i + i)  # qkv, o, gate|up, down
     peaks = {}
     for layers in (2, 8):

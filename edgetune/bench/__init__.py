@@ -25,7 +25,8 @@ def peak_rss_bytes() -> int:
 def best_round(rounds: list[dict], speed: Callable[[dict], float], peak_key: str) -> dict:
     """One setup's result over alternating rounds: the fastest round (noise on a shared
     machine only ever slows a run down), with the highest ``peak_key`` of all rounds."""
-    best = dict(max(rounds, key=speed))
+    fastest: dict = max(rounds, key=speed)
+    best = dict(fastest)
     best[peak_key] = max(r[peak_key] for r in rounds)
     best["rounds"] = len(rounds)
     return best
@@ -41,4 +42,5 @@ def in_fresh_process(target: Callable, *args) -> tuple[dict | None, int]:
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
     p.join()
+    assert p.exitcode is not None  # join() without a timeout returns once the child has exited
     return (None if p.exitcode != 0 or q.empty() else q.get()), p.exitcode

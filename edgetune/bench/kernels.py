@@ -1,13 +1,17 @@
-"""``edgetune bench kernels``: Q4 GEMV/GEMM and dequantization against ONNX Runtime.
+"""``edgetune bench kernels``: every matmul and dequantization of the kernel traits table
+(``kernels/traits.py``) on every fast backend, against ONNX Runtime.
 
-For every shape (Phi-3-mini's projections) and batch, at 1 and 2 threads, each kernel
-cycles over more than 64 MiB of distinct weight matrices, so the L3 cache cannot hide
-DRAM. Reported per result: ms per matmul, weight GB/s, percent of the read bandwidth
-measured in this same run, and the ratio against ONNX Runtime run in this same process
-(> 1: edgetune is faster): ``MatMulNBits`` ``accuracy_level`` 4 for the integer Q4 x Q8
-path, ``accuracy_level`` 0 for Q4 x fp32, ``MatMulBnb4`` (bitsandbytes NF4) for both NF4
-GEMVs (exact fp32 and integer Q8).
-Weight values do not matter for speed, so packed bytes and scales are random.
+Each (kernel, backend) is first checked against its numpy reference on the benchmark's own
+weights and activations; a result beyond the kernel's bound raises KernelMismatch, so a new
+table entry is checked and timed without touching this file. For every shape (Phi-3-mini's
+projections) and batch, at 1 and 2 threads, each kernel cycles over more than 64 MiB of
+distinct weight matrices, so the L3 cache cannot hide DRAM. Reported per result: ms per
+matmul, weight GB/s, percent of the read bandwidth measured in this same run, and the ratio
+against ONNX Runtime run in this same process (> 1: edgetune is faster): ``MatMulNBits``
+``accuracy_level`` 4 for the integer Q4 x Q8 path, ``accuracy_level`` 0 for Q4 x fp32, 8-bit
+``MatMulNBits`` for Q8 x fp32, ``MatMulBnb4`` (bitsandbytes NF4) for both NF4 GEMVs (exact
+fp32 and integer Q8). Dequantization is measured as bytes read + written against the copy
+bandwidth. Weight values do not matter for speed, so packed bytes and scales are random.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import kernels
-from ..kernels import Q4Weight
+from ..kernels import NF4_BLOCK, Q4Weight, traits
 
 SHAPES = ((3072, 3072), (3072, 8192), (8192, 3072))  # (K, N) of Phi-3-mini's projections
 BATCHES = (1, 8)
@@ -46,7 +50,7 @@ class BenchResult:
 def _timeit(fn, min_time: float = 0.4, min_runs: int = 3) -> float:
     """Median seconds of one call to ``fn``, after a warm-up call."""
     fn()
-    runs = []
+    runs: list[float] = []
     start = time.perf_counter()
     while len(runs) < min_runs or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
@@ -73,7 +77,7 @@ def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> tuple[float, float]
 
     from ..kernels import numba_kernels
 
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]  # set at import, absent from numba's stub
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
     t_read = _timeit(lambda: numba_kernels.stream_sum(a))
@@ -82,25 +86,43 @@ def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> tuple[float, float]
 
 
 def random_q4(k: int, n: int, block: int, rng: np.random.Generator) -> Q4Weight:
-    packed = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
-    scales = rng.uniform(0.001, 0.02, (n, k // block)).astype(np.float32)
-    return Q4Weight(packed, scales, None, k, n, block)
+    return traits.FORMATS["q4"].random(k, n, block, "symmetric", rng)[0]
 
 
-def ort_matmulnbits(weights: list[Q4Weight], m: int, accuracy_level: int, threads: int):
-    """One ONNX Runtime session computing A @ B_i for every weight; returns a callable."""
+def random_nf4(k: int, n: int, rng: np.random.Generator):
+    """An NF4 weight of PyTorch Linear shape (N, K) with random codes."""
+    return traits.FORMATS["nf4"].random(k, n, NF4_BLOCK, "", rng)[0]
+
+
+def ort_matmulnbits(weights: list, m: int, accuracy_level: int, threads: int, bits: int = 4):
+    """One ONNX Runtime session computing A @ B_i for every weight (Q4Weight for 4 bits,
+    (codes, scales) for 8); returns a callable."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w0 = weights[0]
     nodes, inits, outs = [], [], []
     for i, w in enumerate(weights):
-        inits += [numpy_helper.from_array(w.packed, f"B{i}"),
-                  numpy_helper.from_array(w.scales.reshape(-1), f"S{i}")]
-        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{i}", f"S{i}"], [f"Y{i}"],
-                                      domain="com.microsoft", K=w.k, N=w.n, bits=4,
-                                      block_size=w.block, accuracy_level=accuracy_level))
-        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [m, w.n]))
-    return _ort_runner(nodes, outs, inits, m, w0.k, threads)
+        packed, scales = (w.packed, w.scales) if bits == 4 else w
+        n, nb = scales.shape
+        block = packed.shape[2] * 8 // bits
+        inits += [
+            numpy_helper.from_array(packed, f"B{i}"),
+            numpy_helper.from_array(scales.reshape(-1), f"S{i}"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                ["A", f"B{i}", f"S{i}"],
+                [f"Y{i}"],
+                domain="com.microsoft",
+                K=nb * block,
+                N=n,
+                bits=bits,
+                block_size=block,
+                accuracy_level=accuracy_level,
+            )
+        )
+        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [m, n]))
+    return _ort_runner(nodes, outs, inits, m, nb * block, threads)
 
 
 def _ort_runner(nodes, outs, inits, m: int, k: int, threads: int):
@@ -108,26 +130,18 @@ def _ort_runner(nodes, outs, inits, m: int, k: int, threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info(
-        "A", TensorProto.FLOAT, [m, k])], outs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes, "bench", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])], outs, inits
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((m, k)).astype(np.float32)
     return lambda: sess.run(None, {"A": x})
-
-
-def random_nf4(k: int, n: int, rng: np.random.Generator):
-    """An NF4 weight of PyTorch Linear shape (N, K) with random codes."""
-    from ..kernels import NF4Tensor
-
-    numel = n * k
-    return NF4Tensor(rng.integers(0, 256, numel // 2, dtype=np.uint8),
-                     rng.integers(0, 256, numel // 64, dtype=np.uint8),
-                     rng.uniform(0.01, 0.05, -(-numel // 64 // 256)).astype(np.float32), 0.1, (n, k))
 
 
 def ort_matmulbnb4(weights: list, m: int, threads: int):
@@ -140,45 +154,147 @@ def ort_matmulbnb4(weights: list, m: int, threads: int):
     nodes, inits, outs = [], [], []
     for i, t in enumerate(weights):
         absmax = reference.dequantize_absmax(t.absmax_q, t.absmax_scale, t.absmax_offset)
-        inits += [numpy_helper.from_array(reference.bnb_nf4_to_edgetune(t.packed), f"B{i}"),
-                  numpy_helper.from_array(absmax, f"S{i}")]
-        nodes.append(helper.make_node("MatMulBnb4", ["A", f"B{i}", f"S{i}"], [f"Y{i}"],
-                                      domain="com.microsoft", K=k, N=n, block_size=64,
-                                      quant_type=1))
+        inits += [
+            numpy_helper.from_array(reference.bnb_nf4_to_edgetune(t.packed), f"B{i}"),
+            numpy_helper.from_array(absmax, f"S{i}"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulBnb4",
+                ["A", f"B{i}", f"S{i}"],
+                [f"Y{i}"],
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                block_size=64,
+                quant_type=1,
+            )
+        )
         outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [m, n]))
     return _ort_runner(nodes, outs, inits, m, k, threads)
 
 
-def _nf4_results(k: int, n: int, batches, threads: int, bw: float, rng) -> list[BenchResult]:
-    """NF4 GEMV (the QLoRA base format), exact fp32 (``nf4_gemv``) and integer
-    (``nf4_q8_gemv``), against ``MatMulBnb4`` on the same weights."""
-    one = random_nf4(k, n, rng)
-    count = max(2, -(-WORKING_SET // one.nbytes))
-    weights = [one] + [random_nf4(k, n, rng) for _ in range(count - 1)]
+#: The baseline each matmul of the traits table is timed against, by name: a builder
+#: (weights as args tuples, m, threads) -> callable. A kernel missing here is still checked
+#: and timed, with no ratio.
+BASELINES = {
+    "q4_q8_gemm": (
+        "ort_matmulnbits_acc4",
+        lambda ws, m, t: ort_matmulnbits([w for (w,) in ws], m, 4, t),
+    ),
+    "q4_f32_gemm": (
+        "ort_matmulnbits_acc0",
+        lambda ws, m, t: ort_matmulnbits([w for (w,) in ws], m, 0, t),
+    ),
+    "q8_f32_gemm": ("ort_matmulnbits8_acc0", lambda ws, m, t: ort_matmulnbits(ws, m, 0, t, 8)),
+    "nf4_f32_gemv": ("ort_matmulbnb4", lambda ws, m, t: ort_matmulbnb4([w for (w,) in ws], m, t)),
+    "nf4_q8_gemv": ("ort_matmulbnb4", lambda ws, m, t: ort_matmulbnb4([w for (w,) in ws], m, t)),
+}
+#: How a dequantization kernel is handed the (N, K) fp32 buffer it fills in place.
+DEQUANT_OUT = {"q4_dequantize": lambda buf: buf.T, "nf4_dequantize": lambda buf: buf}
+
+
+class KernelMismatch(RuntimeError):
+    """A fast kernel's result is beyond its bound around the reference: a bug, not noise."""
+
+
+def _nbytes(args: tuple) -> int:
+    """Bytes of one weight (its ``nbytes`` when it has one, else its arrays')."""
+    if len(args) == 1 and hasattr(args[0], "nbytes"):
+        return args[0].nbytes
+    return sum(a.nbytes for a in args)
+
+
+def _fast_backends(kernel: traits.Kernel) -> list[str]:
+    return [b for b in kernel.entries if b != "reference" and b in kernels.available_backends()]
+
+
+def check_kernel(
+    kernel: traits.Kernel,
+    backend: str,
+    x: np.ndarray,
+    weight: tuple,
+    threads: int,
+    want: np.ndarray | None = None,
+    mag=None,
+) -> tuple:
+    """Run ``kernel`` on ``backend`` and raise KernelMismatch when its result is beyond the
+    kernel's bound around the reference's. Returns (want, mag): the reference result and the
+    magnitude the bound is relative to, for the next backend's check (computed when None)."""
+    if want is None:
+        want = kernel.reference(x, *weight)
+    if mag is None:
+        mag = traits.magnitude(kernel, want, x, weight)
+    with kernels.forced_backend(backend):
+        got = getattr(kernels, kernel.name)(x, *weight, threads=threads)
+    over = traits.excess(kernel, got, want, mag=mag)
+    if not over <= 0:
+        raise KernelMismatch(
+            f"{kernel.name}[{backend}] on x {x.shape}, "
+            f"{traits.FORMATS[kernel.weight].describe(*weight)}: "
+            f"{over:.3g} beyond its bound ({kernel.bound:g}) of the reference"
+        )
+    return want, mag
+
+
+def _matmul_results(
+    fmt: str, k: int, n: int, block: int, batches, threads: int, bw: float, rng
+) -> tuple[list[BenchResult], list[tuple]]:
+    """Every matmul of format ``fmt`` in the traits table, on every fast backend: checked
+    against the reference, then timed against its baseline on the same weights. Also returns
+    the weights (for the dequantization benchmark)."""
+    f = traits.FORMATS[fmt]
+    block = block if block in f.block_sizes else f.block_sizes[0]
+    todo = [kn for kn in traits.matmuls() if kn.weight == fmt and k % (kn.k_multiple or block) == 0]
+    if not todo:
+        return [], []
+    one = f.random(k, n, block, f.variants[0], rng)
+    wbytes = _nbytes(one)
+    count = max(2, -(-WORKING_SET // wbytes))
+    weights = [one] + [f.random(k, n, block, f.variants[0], rng) for _ in range(count - 1)]
     res = []
     for m in batches:
         x = rng.standard_normal((m, k)).astype(np.float32)
-        runs = {"ort": ort_matmulbnb4(weights, m, threads)}
-        for kernel, fn in (("nf4_gemv", kernels.nf4_gemv), ("nf4_q8_gemv", kernels.nf4_q8_gemv)):
-            for backend in ("cython", "numba"):
+        tag = f"{k}x{n} m{m} t{threads}"
+        runs, against = {}, {}
+        for kn in todo:  # baselines first, each once
+            if kn.name in BASELINES and f"{BASELINES[kn.name][0]} {tag}" not in runs:
+                label, build = BASELINES[kn.name]
+                runs[f"{label} {tag}"] = build(weights, m, threads)
+        mag = None  # sum(|x|) x max(|w|): the same for every kernel of this format on x
+        for kn in todo:
+            want, fn = None, getattr(kernels, kn.name)
+            for backend in _fast_backends(kn):
+                want, mag = check_kernel(kn, backend, x, one, threads, want, mag)
+
                 def run_all(fn=fn, backend=backend, x=x):
                     with kernels.forced_backend(backend):
-                        for t in weights:
-                            fn(x, t, threads=threads)
-                runs[f"{kernel}[{backend}]"] = run_all
+                        for w in weights:
+                            fn(x, *w, threads=threads)
+
+                name = f"{kn.name}[{backend}] {tag}"
+                runs[name] = run_all
+                if kn.name in BASELINES:
+                    against[name] = f"{BASELINES[kn.name][0]} {tag}"
         sec = {name: t / count for name, t in _best_of(runs).items()}
-        base = sec.pop("ort")
-        res.append(BenchResult(f"ort_matmulbnb4 {k}x{n} m{m} t{threads}", base * 1e3,
-                               one.nbytes / base / 1e9, 100 * one.nbytes / base / 1e9 / bw))
         for name, t in sec.items():
-            res.append(BenchResult(f"{name} {k}x{n} m{m} t{threads}", t * 1e3,
-                                   one.nbytes / t / 1e9, 100 * one.nbytes / t / 1e9 / bw,
-                                   "ort_matmulbnb4", base / t))
-    return res
+            base = against.get(name)
+            res.append(
+                BenchResult(
+                    name,
+                    t * 1e3,
+                    wbytes / t / 1e9,
+                    100 * wbytes / t / 1e9 / bw,
+                    base and base.split()[0],
+                    sec[base] / t if base else None,
+                )
+            )
+    return res, weights
 
 
 def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
-    """Run the kernel benchmark; ``quick`` uses one shape, batch 1, 2 threads."""
+    """Run the kernel benchmark; ``quick`` uses one shape, batch 1, 2 threads. Every kernel is
+    checked against the reference before it is timed (KernelMismatch when beyond its bound)."""
     shapes = SHAPES[:1] if quick else SHAPES
     batches = BATCHES[:1] if quick else BATCHES
     threads_list = (2,) if quick else THREADS
@@ -191,38 +307,18 @@ def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
         first = len(results)
         results.append(BenchResult(f"read_bandwidth t{threads}", 0.0, bw, 100.0))
         for k, n in shapes:
-            one = random_q4(k, n, block, rng)
-            count = max(2, -(-WORKING_SET // one.nbytes))
-            weights = [one] + [random_q4(k, n, block, rng) for _ in range(count - 1)]
-            wbytes = one.nbytes
-            for m in batches:
-                x = rng.standard_normal((m, k)).astype(np.float32)
-                runs = {f"ort_matmulnbits_acc{acc} {k}x{n} m{m} t{threads}":
-                        ort_matmulnbits(weights, m, acc, threads) for acc in (4, 0)}
-                against = {}
-                for kernel, fn, acc in (("q4q8_gemm", kernels.q4q8_gemm, 4),
-                                        ("q4_gemm_f32", kernels.q4_gemm, 0)):
-                    for backend in ("cython", "numba"):
-                        def run_all(fn=fn, backend=backend, weights=weights, x=x, threads=threads):
-                            with kernels.forced_backend(backend):
-                                for w in weights:
-                                    fn(x, w, threads=threads)
-                        name = f"{kernel}[{backend}] {k}x{n} m{m} t{threads}"
-                        runs[name] = run_all
-                        against[name] = f"ort_matmulnbits_acc{acc}"
-                sec = {name: t / count for name, t in _best_of(runs).items()}
-                for name, t in sec.items():
-                    base = against.get(name)
-                    results.append(BenchResult(
-                        name, t * 1e3, wbytes / t / 1e9, 100 * wbytes / t / 1e9 / bw, base,
-                        sec[f"{base} {k}x{n} m{m} t{threads}"] / t if base else None))
-            results += _nf4_results(k, n, batches, threads, bw, rng)
+            weights = {}
+            for fmt in traits.FORMATS:
+                res, weights[fmt] = _matmul_results(fmt, k, n, block, batches, threads, bw, rng)
+                results += res
             if threads == threads_list[-1]:
-                results += _dequant_results(weights, copy_bw, rng)
+                results += _dequant_results(k, n, weights, copy_bw)
         bw_end, copy_end = read_bandwidth(threads)
         bw, copy_bw = max(bw, bw_end), max(copy_bw, copy_end)
-        log(f"threads={threads}: read bandwidth {bw:.1f} GB/s, copy {copy_bw:.1f} GB/s "
-            "(the higher of a measurement before and after the kernels)")
+        log(
+            f"threads={threads}: read bandwidth {bw:.1f} GB/s, copy {copy_bw:.1f} GB/s "
+            "(the higher of a measurement before and after the kernels)"
+        )
         results[first] = replace(results[first], gbps=bw)
         for i in range(first, len(results)):
             r = results[i]
@@ -233,30 +329,47 @@ def bench(quick: bool = False, block: int = 32, log=print) -> list[BenchResult]:
     return results
 
 
-def _dequant_results(weights: list[Q4Weight], copy_bw: float, rng) -> list[BenchResult]:
-    """Q4 and NF4 dequantization to fp32 (all cores): bytes read + written, against the copy
-    bandwidth (read + write) measured in the same run."""
-    w0 = weights[0]
-    numel = w0.k * w0.n
-    nf4 = [random_nf4(w0.k, w0.n, rng) for _ in weights]
-    out = np.empty((w0.n, w0.k), np.float32)  # written in place, as the copy it is compared to
-    res = []
+def _dequant_results(k: int, n: int, weights: dict, copy_bw: float) -> list[BenchResult]:
+    """Every dequantization kernel of the traits table to fp32 (all cores), on the weights of
+    the matmul runs: checked bit for bit against the reference, then timed as bytes read +
+    written against the copy bandwidth (read + write) measured in the same run."""
+    out = np.empty((n, k), np.float32)  # written in place, as the copy it is compared to
     runs, sizes = {}, {}
-    for name, fn, items, nbytes in (
-            ("q4_dequantize", lambda w: kernels.q4_dequantize(w, out.T), weights, w0.nbytes),
-            ("nf4_dequantize", lambda t: kernels.nf4_dequantize(t, out), nf4, nf4[0].nbytes)):
-        for backend in ("cython", "numba"):
-            def run_all(fn=fn, items=items, backend=backend):
+    for kn in traits.KERNELS.values():
+        items = weights.get(kn.weight)
+        if kn.op != "dequantize" or not items:
+            continue
+        fn, into = getattr(kernels, kn.name), DEQUANT_OUT.get(kn.name, lambda buf: None)
+        want = kn.reference(*items[0])
+        for backend in _fast_backends(kn):
+            with kernels.forced_backend(backend):
+                got = fn(*items[0], into(out))
+            if traits.excess(kn, got, want) > 0:
+                raise KernelMismatch(
+                    f"{kn.name}[{backend}] {k}x{n}: not bit-exact with the reference"
+                )
+
+            def run_all(fn=fn, items=items, backend=backend, into=into):
                 with kernels.forced_backend(backend):
                     for it in items:
-                        fn(it)
-            label = f"{name}[{backend}] {w0.k}x{w0.n}"
-            runs[label], sizes[label] = run_all, (nbytes, len(items))
+                        fn(*it, into(out))
+
+            label = f"{kn.name}[{backend}] {k}x{n}"
+            runs[label], sizes[label] = run_all, (_nbytes(items[0]), len(items))
+    res = []
     for label, sec in _best_of(runs).items():
         nbytes, count = sizes[label]
-        moved = (nbytes + 4 * numel) / (sec / count) / 1e9
-        res.append(BenchResult(label, sec / count * 1e3, moved, 100 * moved / copy_bw,
-                               "copy_bandwidth", moved / copy_bw))
+        moved = (nbytes + 4 * k * n) / (sec / count) / 1e9
+        res.append(
+            BenchResult(
+                label,
+                sec / count * 1e3,
+                moved,
+                100 * moved / copy_bw,
+                "copy_bandwidth",
+                moved / copy_bw,
+            )
+        )
     return res
 
 

@@ -38,45 +38,80 @@ FAMILIES = ("phi3", "llama")
 FORMAT = "v1"  # bump when the builder's output changes, so stale cache entries are not used
 STD = 0.02  # HF's initializer_range
 CHUNK = 1 << 22  # values drawn per chunk (16 MB of fp32)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 BOS, EOS, PAD = 0, 5, 1  # the tiny tokenizer's <|endoftext|>, <|end|>, <|pad|>
 
 
-def layer_tensors(family: str, i: int, hidden: int, intermediate: int, heads: int,
-                  kv_heads: int) -> list[tuple[str, tuple[int, ...]]]:
+def layer_tensors(
+    family: str, i: int, hidden: int, intermediate: int, heads: int, kv_heads: int
+) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of decoder layer ``i``'s weights in HF's naming for ``family``."""
     kv = kv_heads * (hidden // heads)
     p = f"model.layers.{i}"
     if family == "phi3":  # fused q|k|v and gate|up, as Phi-3 checkpoints store them
-        proj = [("self_attn.qkv_proj", (hidden + 2 * kv, hidden)),
-                ("self_attn.o_proj", (hidden, hidden)),
-                ("mlp.gate_up_proj", (2 * intermediate, hidden)),
-                ("mlp.down_proj", (hidden, intermediate))]
+        proj = [
+            ("self_attn.qkv_proj", (hidden + 2 * kv, hidden)),
+            ("self_attn.o_proj", (hidden, hidden)),
+            ("mlp.gate_up_proj", (2 * intermediate, hidden)),
+            ("mlp.down_proj", (hidden, intermediate)),
+        ]
     else:
-        proj = [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (kv, hidden)),
-                ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)),
-                ("mlp.gate_proj", (intermediate, hidden)), ("mlp.up_proj", (intermediate, hidden)),
-                ("mlp.down_proj", (hidden, intermediate))]
-    return ([(f"{p}.input_layernorm.weight", (hidden,)),
-             (f"{p}.post_attention_layernorm.weight", (hidden,))]
-            + [(f"{p}.{n}.weight", s) for n, s in proj])
+        proj = [
+            ("self_attn.q_proj", (hidden, hidden)),
+            ("self_attn.k_proj", (kv, hidden)),
+            ("self_attn.v_proj", (kv, hidden)),
+            ("self_attn.o_proj", (hidden, hidden)),
+            ("mlp.gate_proj", (intermediate, hidden)),
+            ("mlp.up_proj", (intermediate, hidden)),
+            ("mlp.down_proj", (hidden, intermediate)),
+        ]
+    return [
+        (f"{p}.input_layernorm.weight", (hidden,)),
+        (f"{p}.post_attention_layernorm.weight", (hidden,)),
+    ] + [(f"{p}.{n}.weight", s) for n, s in proj]
 
 
-def _config(family: str, layers: int, hidden: int, intermediate: int, heads: int,
-            kv_heads: int, vocab: int, dtype: str, tie: bool):
+def _config(
+    family: str,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    dtype: str,
+    tie: bool,
+):
     from transformers import LlamaConfig, Phi3Config
 
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                  num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                  rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5,
-                  initializer_range=STD, tie_word_embeddings=tie, bos_token_id=BOS,
-                  eos_token_id=EOS, pad_token_id=PAD,
-                  dtype={"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype])
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        rms_norm_eps=1e-5,
+        initializer_range=STD,
+        tie_word_embeddings=tie,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        dtype={"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
+    )
     if family == "phi3":
-        return Phi3Config(**common, original_max_position_embeddings=4096,
-                          architectures=["Phi3ForCausalLM"])
+        return Phi3Config(
+            **common, original_max_position_embeddings=4096, architectures=["Phi3ForCausalLM"]
+        )
     return LlamaConfig(**common, architectures=["LlamaForCausalLM"])
 
 
@@ -86,13 +121,21 @@ def _random(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     flat = out.reshape(shape[0], -1)
     step = max(1, CHUNK // flat.shape[1])
     for a in range(0, flat.shape[0], step):
-        rng.standard_normal(out=flat[a:a + step], dtype=np.float32)
-        flat[a:a + step] *= np.float32(STD)
+        rng.standard_normal(out=flat[a : a + step], dtype=np.float32)
+        flat[a : a + step] *= np.float32(STD)
     return out
 
 
-def check_shape(family: str, layers: int, hidden: int, intermediate: int, heads: int,
-                kv_heads: int, vocab: int, dtype: str) -> None:
+def check_shape(
+    family: str,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    dtype: str,
+) -> None:
     """A ConfigError naming what does not fit (before anything is built)."""
     if family not in FAMILIES:
         raise ConfigError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -101,16 +144,28 @@ def check_shape(family: str, layers: int, hidden: int, intermediate: int, heads:
     if min(layers, hidden, intermediate, heads, kv_heads) < 1:
         raise ConfigError("layers, hidden, intermediate, heads and kv_heads must be >= 1")
     if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
-        raise ConfigError(f"hidden {hidden} must split into {heads} heads of an even size, "
-                          f"and the heads into {kv_heads} key/value groups")
+        raise ConfigError(
+            f"hidden {hidden} must split into {heads} heads of an even size, "
+            f"and the heads into {kv_heads} key/value groups"
+        )
     if vocab < 2048:
         raise ConfigError(f"vocab must be >= 2048 (the tokenizer's ids), got {vocab}")
 
 
-def make_random_model(out_dir: str | os.PathLike, layers: int, *, hidden: int = 3072,
-                      intermediate: int = 8192, heads: int = 32, kv_heads: int = 32,
-                      vocab: int = 32064, family: str = "phi3", dtype: str = "BF16",
-                      seed: int = 0, tie: bool = False) -> Path:
+def make_random_model(
+    out_dir: str | os.PathLike,
+    layers: int,
+    *,
+    hidden: int = 3072,
+    intermediate: int = 8192,
+    heads: int = 32,
+    kv_heads: int = 32,
+    vocab: int = 32064,
+    family: str = "phi3",
+    dtype: str = "BF16",
+    seed: int = 0,
+    tie: bool = False,
+) -> Path:
     """Write a random-weight HF model dir of this shape at ``out_dir`` (which must not exist;
     written beside it and renamed into place when complete); returns ``out_dir``."""
     check_shape(family, layers, hidden, intermediate, heads, kv_heads, vocab, dtype)
@@ -119,11 +174,15 @@ def make_random_model(out_dir: str | os.PathLike, layers: int, *, hidden: int = 
         raise OutputExistsError(f"{out}: output exists")
     out.parent.mkdir(parents=True, exist_ok=True)
     config = _config(family, layers, hidden, intermediate, heads, kv_heads, vocab, dtype, tie)
-    shards = [[("model.embed_tokens.weight", (vocab, hidden))]]
-    shards += [layer_tensors(family, i, hidden, intermediate, heads, kv_heads)
-               for i in range(layers)]
-    shards.append([("model.norm.weight", (hidden,))]
-                  + ([] if tie else [("lm_head.weight", (vocab, hidden))]))
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [
+        [("model.embed_tokens.weight", (vocab, hidden))]
+    ]
+    shards += [
+        layer_tensors(family, i, hidden, intermediate, heads, kv_heads) for i in range(layers)
+    ]
+    shards.append(
+        [("model.norm.weight", (hidden,))] + ([] if tie else [("lm_head.weight", (vocab, hidden))])
+    )
     itemsize = 2 if dtype in ("BF16", "F16") else 4
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -139,8 +198,10 @@ def make_random_model(out_dir: str | os.PathLike, layers: int, *, hidden: int = 
                     weight_map[name] = fname
                     n_tensor += 1
         total = sum(math.prod(s) for t in shards for _, s in t) * itemsize
-        (work / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                              "weight_map": weight_map}, indent=2) + "\n")
+        (work / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            + "\n"
+        )
         config.save_pretrained(work)  # config.json as transformers writes it
         from ..models import tiny_model_path
 
@@ -154,12 +215,24 @@ def make_random_model(out_dir: str | os.PathLike, layers: int, *, hidden: int = 
     return out
 
 
-def model_key(layers: int, *, hidden: int = 3072, intermediate: int = 8192, heads: int = 32,
-              kv_heads: int = 32, vocab: int = 32064, family: str = "phi3", dtype: str = "BF16",
-              seed: int = 0, tie: bool = False) -> str:
+def model_key(
+    layers: int,
+    *,
+    hidden: int = 3072,
+    intermediate: int = 8192,
+    heads: int = 32,
+    kv_heads: int = 32,
+    vocab: int = 32064,
+    family: str = "phi3",
+    dtype: str = "BF16",
+    seed: int = 0,
+    tie: bool = False,
+) -> str:
     """The cache entry's name: every argument that changes the files."""
-    return (f"{family}-h{hidden}-i{intermediate}-a{heads}-kv{kv_heads}-v{vocab}-L{layers}-"
-            f"{dtype.lower()}-s{seed}{'-tied' if tie else ''}-{FORMAT}")
+    return (
+        f"{family}-h{hidden}-i{intermediate}-a{heads}-kv{kv_heads}-v{vocab}-L{layers}-"
+        f"{dtype.lower()}-s{seed}{'-tied' if tie else ''}-{FORMAT}"
+    )
 
 
 def cache_root() -> Path:

@@ -39,22 +39,26 @@ key/value, 40 layers, vocab 32064). A stage that fails shows its error and the r
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing as mp
-import os
 import shutil
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from . import in_fresh_process, peak_rss_bytes
+from .scale_stages import (
+    bandwidth_child,
+    build_child,
+    in_child,
+    run_stage,
+)
+from .scale_table import GB, MB, format_results
+
+__all__ = ["ScaleConfig", "bench", "format_results", "targets", "fit_results"]
 
 STAGES = ("export", "merge", "qlora-step", "decode")
 BACKENDS = ("native", "ort")
-GB, MB = 1e9, 1e6  # decimal units throughout, as the targets are stated
 PAGE = 4096
 
 
@@ -130,13 +134,19 @@ class ScaleConfig:
 
     @property
     def shape(self) -> Shape:
-        return Shape(self.hidden, self.intermediate, self.heads, self.kv_heads or self.heads,
-                     self.vocab)
+        return Shape(
+            self.hidden, self.intermediate, self.heads, self.kv_heads or self.heads, self.vocab
+        )
 
     def model_args(self) -> dict:
         s = self.shape
-        return dict(hidden=s.hidden, intermediate=s.intermediate, heads=s.heads,
-                    kv_heads=s.kv_heads, vocab=s.vocab)
+        return dict(
+            hidden=s.hidden,
+            intermediate=s.intermediate,
+            heads=s.heads,
+            kv_heads=s.kv_heads,
+            vocab=s.vocab,
+        )
 
 
 def parse_list(text: str, what: str, cast=str) -> tuple:
@@ -152,6 +162,7 @@ def parse_list(text: str, what: str, cast=str) -> tuple:
 
 # -- fitting and extrapolation ---------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Fit:
     """y(L) = intercept + slope·L by least squares over the measured layer counts."""
@@ -164,8 +175,10 @@ class Fit:
 
     def extrapolate(self, bench: Shape, target: Shape) -> float:
         """y_T = c·E_T/E_B + s·L_T·P_T/P_B (see the module docstring)."""
-        return (self.intercept * target.embedding_params / bench.embedding_params
-                + self.slope * target.layers * target.layer_params / bench.layer_params)
+        return (
+            self.intercept * target.embedding_params / bench.embedding_params
+            + self.slope * target.layers * target.layer_params / bench.layer_params
+        )
 
 
 def fit(points: list[tuple[int, float]]) -> Fit | None:
@@ -178,155 +191,6 @@ def fit(points: list[tuple[int, float]]) -> Fit | None:
     return Fit(my - slope * mx, slope)
 
 
-# -- the stages, each run in a fresh process -------------------------------------------------
-
-def _export(model: str, out: str):
-    from ..bundle import dir_bytes
-    from ..export import ExportConfig, export
-
-    def run() -> dict:
-        export(model, out, ExportConfig(), force=True, log=lambda s: None)
-        return {"bundle_bytes": dir_bytes(out)}
-    return run
-
-
-def _merge(model: str, adapter: str, out: str):
-    from ..bundle import dir_bytes
-    from ..merge import merge
-
-    write_random_adapter(Path(model), Path(adapter))  # one small tensor at a time
-
-    def run() -> dict:
-        merge(model, adapter, out, force=True)
-        return {"merged_bytes": dir_bytes(out)}
-    return run
-
-
-def _qlora_step(model: str, data: str, out: str):
-    from ..train import TrainConfig, train
-
-    cfg = TrainConfig(model=model, data=data, out=out, method="qlora", rank=16, alpha=32.0,
-                      max_steps=1, seq_len=256, packing=True, batch_size=1, warmup_steps=1,
-                      gradient_checkpointing=True, device="cpu", seed=0)
-
-    def run() -> dict:
-        run_dir = train(cfg, progress=False)
-        rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        return {"loss": rec["loss"], "train_tokens_per_s": rec["tokens_per_s"]}
-    return run
-
-
-class _Box:
-    """Stands in for the queue ``bench.runtime._measure`` puts its result on."""
-
-    def put(self, item: dict) -> None:
-        self.item = item
-
-
-def _decode(backend: str, bundle: str, threads: int, prompt_tokens: int, new_tokens: int):
-    from .runtime import _measure
-
-    def run() -> dict:
-        box = _Box()
-        _measure(backend, bundle, threads, prompt_tokens, new_tokens, 1, box)
-        return {k: v for k, v in box.item.items() if k not in ("name", "peak_rss_bytes")}
-    return run
-
-
-_STAGE_FNS = {"export": _export, "merge": _merge, "qlora-step": _qlora_step, "decode": _decode}
-
-
-def _stage_child(stage: str, kwargs: dict, q: mp.Queue) -> None:
-    """One stage in this fresh process: its setup (imports, inputs), then the timed call;
-    {fields, wall_s, peak_rss_bytes} or {"error"} on the queue."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run = _STAGE_FNS[stage](**kwargs)
-        t0 = time.perf_counter()
-        out = run()
-        out["wall_s"] = time.perf_counter() - t0
-    except Exception as e:  # a failing stage is reported in the table; the rest go on
-        q.put({"error": f"{type(e).__name__}: {e}"[:800]})
-        return
-    q.put({**out, "peak_rss_bytes": peak_rss_bytes()})
-
-
-def _bandwidth_child(threads: int, nbytes: int, q: mp.Queue) -> None:
-    from .kernels import read_bandwidth
-
-    q.put({"read_bandwidth_gb_s": read_bandwidth(threads, nbytes)[0]})
-
-
-def _build_child(layer_counts: list[int], model_args: dict, q: mp.Queue) -> None:
-    """Find or build the model of every layer count (one process: one transformers import);
-    {"models": [{layers, path, cached, build_s}], "build_peak_rss_bytes"} or {"error"}."""
-    from .random_model import cached_random_model
-
-    models = []
-    try:
-        for layers in layer_counts:
-            t0 = time.perf_counter()
-            path, cached = cached_random_model(layers, **model_args)
-            models.append({"layers": layers, "path": str(path), "cached": cached,
-                           "build_s": time.perf_counter() - t0})
-    except Exception as e:
-        q.put({"error": f"{type(e).__name__}: {e}"[:800]})
-        return
-    q.put({"models": models, "build_peak_rss_bytes": peak_rss_bytes()})
-
-
-def _in_child(target, *args) -> dict:
-    result, code = in_fresh_process(target, *args)
-    return result if result is not None else {"error": f"the process died (exit code {code})"}
-
-
-def run_stage(stage: str, **kwargs) -> dict:
-    """One stage in a fresh process: {fields, wall_s, peak_rss_bytes, process_s (the whole
-    child: start, imports, the stage)} or {"error"}."""
-    t0 = time.perf_counter()
-    r = _in_child(_stage_child, stage, kwargs)
-    return {**r, "process_s": time.perf_counter() - t0}
-
-
-# -- inputs ----------------------------------------------------------------------------------
-
-def write_random_adapter(model_dir: Path, out: Path, rank: int = 16, alpha: float = 32.0,
-                         seed: int = 0) -> Path:
-    """A PEFT LoRA adapter of rank ``rank`` over every projection of ``model_dir``, random
-    A ~ N(0, 1/in) and B ~ N(0, 0.02²) (so the merge has a delta to add), with edgetune's
-    note that it was trained on an NF4 base, so merging it is a qlora merge."""
-    import numpy as np
-
-    from ..merge import ADAPTER_META
-    from ..tensors import SafetensorsSource, SafetensorsWriter
-
-    src = SafetensorsSource(model_dir)
-    mods = [n[:-len(".weight")] for n in src.names()
-            if n.startswith("model.layers.") and n.endswith("_proj.weight")]
-    targets = sorted({m.rsplit(".", 1)[1] for m in mods})
-    specs = []
-    for m in mods:
-        n_out, n_in = src.info(f"{m}.weight").shape
-        specs += [(f"base_model.model.{m}.lora_A.weight", "F32", (rank, n_in)),
-                  (f"base_model.model.{m}.lora_B.weight", "F32", (n_out, rank))]
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    with SafetensorsWriter(out / "adapter_model.safetensors", specs) as w:
-        for name, _, shape in specs:
-            std = 1 / math.sqrt(shape[1]) if ".lora_A." in name else 0.02
-            w.write(name, (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-              "lora_dropout": 0.0, "target_modules": targets, "bias": "none",
-              "fan_in_fan_out": False, "inference_mode": True, "use_dora": False,
-              "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
-              "base_model_name_or_path": str(model_dir)}
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    meta = {"method": "qlora", "base_quantization": "nf4", "base_model": str(model_dir),
-            "rank": rank, "alpha": alpha}
-    (out / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
 def kv_resident_bytes(shape: Shape, layers: int, tokens: int) -> int:
     """Resident bytes of the native backend's fp32 KV cache after ``tokens`` tokens: keys and
     values of every (layer, kv head) are slabs touched a page at a time."""
@@ -336,11 +200,12 @@ def kv_resident_bytes(shape: Shape, layers: int, tokens: int) -> int:
 
 # -- the benchmark ---------------------------------------------------------------------------
 
+
 @dataclass
 class _Run:
     cfg: ScaleConfig
     work: Path
-    log: object
+    log: Callable[[str], object]
     results: list[dict] = field(default_factory=list)
     models: list[dict] = field(default_factory=list)
     bandwidth: float | None = None
@@ -351,9 +216,11 @@ class _Run:
         if "peak_rss_bytes" in row:
             row["peak_rss_mb"] = row["peak_rss_bytes"] / MB
             row["ms"] = 1e3 * row["wall_s"]
-            self.log(f"{name} @{layers} layers: peak RSS {row['peak_rss_mb']:.0f} MB, "
-                     f"{row['wall_s']:.1f} s ({row['process_s']:.0f} s with the process's "
-                     "start and imports)")
+            self.log(
+                f"{name} @{layers} layers: peak RSS {row['peak_rss_mb']:.0f} MB, "
+                f"{row['wall_s']:.1f} s ({row['process_s']:.0f} s with the process's "
+                "start and imports)"
+            )
         else:
             self.log(f"{name} @{layers} layers: failed: {row['error']}")
         self.results.append(row)
@@ -363,19 +230,26 @@ class _Run:
         """Find or build every model (in one fresh process); the error, if that failed."""
         from ..bundle import dir_bytes
 
-        self.log(f"finding or building the random models ({', '.join(map(str, layer_counts))} "
-                 f"layers) under {self.work.parent} ...")
-        built = _in_child(_build_child, layer_counts, self.cfg.model_args())
+        self.log(
+            f"finding or building the random models ({', '.join(map(str, layer_counts))} "
+            f"layers) under {self.work.parent} ..."
+        )
+        built = in_child(build_child, layer_counts, self.cfg.model_args())
         if "error" in built:
             return built["error"]
         for m in built["models"]:
-            self.models.append({**m, "bytes": dir_bytes(m["path"]),
-                                "build_peak_rss_bytes": built["build_peak_rss_bytes"]})
+            self.models.append(
+                {
+                    **m,
+                    "bytes": dir_bytes(m["path"]),
+                    "build_peak_rss_bytes": built["build_peak_rss_bytes"],
+                }
+            )
         return None
 
     def fail_all(self, layers: int, error: str) -> None:
         for s in self.cfg.stages:
-            for name in ([f"decode-{b}" for b in BACKENDS] if s == "decode" else [s]):
+            for name in [f"decode-{b}" for b in BACKENDS] if s == "decode" else [s]:
                 self.record(name, layers, {"error": error})
 
     def layer_count(self, layers: int, model: Path) -> None:
@@ -387,15 +261,29 @@ class _Run:
         if "export" in cfg.stages:
             self.record("export", layers, run_stage("export", model=str(model), out=str(bundle)))
         if "merge" in cfg.stages:
-            self.record("merge", layers, run_stage("merge", model=str(model),
-                                                   adapter=str(here / "adapter"),
-                                                   out=str(here / "merged")))
+            self.record(
+                "merge",
+                layers,
+                run_stage(
+                    "merge",
+                    model=str(model),
+                    adapter=str(here / "adapter"),
+                    out=str(here / "merged"),
+                ),
+            )
             if not cfg.keep:
                 shutil.rmtree(here / "merged", ignore_errors=True)
         if "qlora-step" in cfg.stages:
-            self.record("qlora-step", layers, run_stage("qlora-step", model=str(model),
-                                                        data=str(self.train_data()),
-                                                        out=str(here / "run")))
+            self.record(
+                "qlora-step",
+                layers,
+                run_stage(
+                    "qlora-step",
+                    model=str(model),
+                    data=str(self.train_data()),
+                    out=str(here / "run"),
+                ),
+            )
         if "decode" in cfg.stages:
             self.decode(layers, model, bundle)
         if not cfg.keep:
@@ -419,10 +307,12 @@ class _Run:
                     self.record(f"decode-{b}", layers, {"error": f"export: {prep['error']}"})
                 return
         if self.bandwidth is None:
-            bw = _in_child(_bandwidth_child, cfg.threads, cfg.bandwidth_mb << 20)
+            bw = in_child(bandwidth_child, cfg.threads, cfg.bandwidth_mb << 20)
             self.bandwidth = bw.get("read_bandwidth_gb_s")
-            self.log(f"read bandwidth ({cfg.threads} threads): "
-                     + ("n/a" if self.bandwidth is None else f"{self.bandwidth:.1f} GB/s"))
+            self.log(
+                f"read bandwidth ({cfg.threads} threads): "
+                + ("n/a" if self.bandwidth is None else f"{self.bandwidth:.1f} GB/s")
+            )
         try:
             total, per_token = weight_bytes(bundle)
         except Exception as e:  # a bundle this benchmark cannot read fails decode, not the run
@@ -431,12 +321,22 @@ class _Run:
             return
         kv = kv_resident_bytes(cfg.shape, layers, cfg.prompt_tokens + cfg.new_tokens)
         for b in BACKENDS:
-            r = run_stage("decode", backend=b, bundle=str(bundle), threads=cfg.threads,
-                          prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens)
+            r = run_stage(
+                "decode",
+                backend=b,
+                bundle=str(bundle),
+                threads=cfg.threads,
+                prompt_tokens=cfg.prompt_tokens,
+                new_tokens=cfg.new_tokens,
+            )
             if "error" not in r:
-                r.update(weight_bytes=total, bytes_per_token=per_token, kv_bytes=kv,
-                         rss_per_read_and_kv=r["peak_rss_bytes"] / (per_token + kv),
-                         decode_weight_gb_s=per_token * r["tokens_per_s"] / GB)
+                r.update(
+                    weight_bytes=total,
+                    bytes_per_token=per_token,
+                    kv_bytes=kv,
+                    rss_per_read_and_kv=r["peak_rss_bytes"] / (per_token + kv),
+                    decode_weight_gb_s=per_token * r["tokens_per_s"] / GB,
+                )
                 if self.bandwidth:
                     r["bw_utilisation"] = r["decode_weight_gb_s"] / self.bandwidth
             self.record(f"decode-{b}", layers, r)
@@ -464,12 +364,20 @@ def bench(cfg: ScaleConfig | None = None, log=print) -> dict:
         if not cfg.keep:
             shutil.rmtree(work, ignore_errors=True)
     fits = fit_results(run.results, cfg.shape)
-    report = {"benchmark": "scale", "shape": asdict(cfg.shape), "layers": sorted(set(cfg.layers)),
-              "stages": list(cfg.stages), "threads": cfg.threads,
-              "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
-              "read_bandwidth_gb_s": run.bandwidth, "models": run.models,
-              "work_dir": str(work) if cfg.keep else None,
-              "results": run.results, "fits": fits}
+    report = {
+        "benchmark": "scale",
+        "shape": asdict(cfg.shape),
+        "layers": sorted(set(cfg.layers)),
+        "stages": list(cfg.stages),
+        "threads": cfg.threads,
+        "prompt_tokens": cfg.prompt_tokens,
+        "new_tokens": cfg.new_tokens,
+        "read_bandwidth_gb_s": run.bandwidth,
+        "models": run.models,
+        "work_dir": str(work) if cfg.keep else None,
+        "results": run.results,
+        "fits": fits,
+    }
     report["targets"] = targets(report)
     return report
 
@@ -494,8 +402,12 @@ def fit_results(results: list[dict], shape: Shape) -> list[dict]:
 def _measured(results: list[dict], name: str, layers: int, key: str, shape: Shape):
     """A measured value when the benchmark ran Phi-3-mini's own width at ``layers``."""
     same = (shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.vocab) == (
-        PHI3_MINI.hidden, PHI3_MINI.intermediate, PHI3_MINI.heads, PHI3_MINI.kv_heads,
-        PHI3_MINI.vocab)
+        PHI3_MINI.hidden,
+        PHI3_MINI.intermediate,
+        PHI3_MINI.heads,
+        PHI3_MINI.kv_heads,
+        PHI3_MINI.vocab,
+    )
     for r in results:
         if same and r["name"] == name and r["layers"] == layers and "error" not in r:
             return r[key]
@@ -510,10 +422,17 @@ def targets(report: dict) -> list[dict]:
     rows = []
 
     def add(name: str, value, bound: float, unit: str, source: str, most: bool = True):
-        rows.append({"name": name, "value": value, "bound": bound, "unit": unit,
-                     "at_least": not most, "source": source if value is not None else "n/a",
-                     "passed": None if value is None else (value <= bound if most else
-                                                          value >= bound)})
+        rows.append(
+            {
+                "name": name,
+                "value": value,
+                "bound": bound,
+                "unit": unit,
+                "at_least": not most,
+                "source": source if value is not None else "n/a",
+                "passed": None if value is None else (value <= bound if most else value >= bound),
+            }
+        )
 
     def at_mini(stage: str, key: str):
         v = _measured(results, stage, 32, key, shape)
@@ -529,9 +448,13 @@ def targets(report: dict) -> list[dict]:
     if a is not None and b is not None:
         add("export peak(8 layers) - peak(2 layers)", b - a, 150 * MB, "bytes", "measured")
     else:
-        add("export peak(8 layers) - peak(2 layers)", None if slope is None else
-            6 * slope * PHI3_MINI.layer_params / shape.layer_params, 150 * MB, "bytes",
-            "extrapolated")
+        add(
+            "export peak(8 layers) - peak(2 layers)",
+            None if slope is None else 6 * slope * PHI3_MINI.layer_params / shape.layer_params,
+            150 * MB,
+            "bytes",
+            "extrapolated",
+        )
     v, src = at_mini("export", "wall_s")
     add("export wall time, Phi-3-mini", v, 6 * 60, "s", src)
     v, src = at_mini("merge", "peak_rss_bytes")
@@ -541,91 +464,27 @@ def targets(report: dict) -> list[dict]:
     native = [r for r in results if r["name"] == "decode-native" and "error" not in r]
     last = max(native, key=lambda r: r["layers"]) if native else {}
     src = f"measured ({last['layers']} layers)" if last else "n/a"
-    add("native decode RSS / (bytes read per token + KV)", last.get("rss_per_read_and_kv"),
-        1.1, "x", src)
-    add("native decode share of read bandwidth", last.get("bw_utilisation"), 0.75, "share",
-        src, most=False)
+    add(
+        "native decode RSS / (bytes read per token + KV)",
+        last.get("rss_per_read_and_kv"),
+        1.1,
+        "x",
+        src,
+    )
+    add(
+        "native decode share of read bandwidth",
+        last.get("bw_utilisation"),
+        0.75,
+        "share",
+        src,
+        most=False,
+    )
     for name, f in fits.items():
-        add(f"{name} peak RSS, Phi-3-medium", f["phi3-medium"]["peak_rss_bytes"], 12 * GB,
-            "bytes", "extrapolated")
+        add(
+            f"{name} peak RSS, Phi-3-medium",
+            f["phi3-medium"]["peak_rss_bytes"],
+            12 * GB,
+            "bytes",
+            "extrapolated",
+        )
     return rows
-
-
-# -- the table -------------------------------------------------------------------------------
-
-def _fmt(v, unit: str) -> str:
-    if v is None:
-        return "n/a"
-    if unit == "bytes":
-        return f"{v / MB:.0f} MB" if abs(v) < GB else f"{v / GB:.2f} GB"
-    if unit == "s":
-        return f"{v:.1f} s"
-    if unit == "share":
-        return f"{100 * v:.0f}%"
-    return f"{v:.2f}x" if unit == "x" else f"{v:.3g}"
-
-
-def _stage_table(report: dict, key: str, title: str, unit: str) -> list[str]:
-    """One row per stage: the value at each layer count, the slope per layer, the fit at 32
-    layers of this width, and the extrapolations to Phi-3-mini and Phi-3-medium."""
-    scale = MB if key == "peak_rss_bytes" else 1.0
-    digits = 0 if key == "peak_rss_bytes" else 1
-
-    def num(v) -> str:
-        return "n/a" if v is None else f"{v / scale:.{digits}f}"
-
-    layers = report["layers"]
-    by = {(r["name"], r["layers"]): r for r in report["results"]}
-    lines = [f"{title:<16}" + "".join(f"{'@' + str(n):>9}" for n in layers)
-             + f"{unit + '/layer':>11}{'fit @32':>9}{'Phi-3-mini':>12}{'Phi-3-medium':>14}"]
-    for f in report["fits"]:
-        cells = []
-        for n in layers:
-            r = by.get((f["name"], n))
-            cells.append("" if r is None else "error" if "error" in r else num(r[key]))
-        slope, c = f[f"{key}_slope"], f[f"{key}_intercept"]
-        lines.append(f"{f['name']:<16}" + "".join(f"{x:>9}" for x in cells)
-                     + f"{num(slope):>11}{num(None if slope is None else c + 32 * slope):>9}"
-                     + f"{num(f['phi3-mini'][key]):>12}{num(f['phi3-medium'][key]):>14}")
-    return lines
-
-
-def format_results(report: dict) -> str:
-    s = report["shape"]
-    lines = [f"random {s['hidden']}-wide model (MLP {s['intermediate']}, {s['heads']} heads, "
-             f"{s['kv_heads']} key/value, vocab {s['vocab']}) at "
-             f"{', '.join(map(str, report['layers']))} layers; {report['threads']} threads", ""]
-    lines += _stage_table(report, "peak_rss_bytes", "peak RSS MB", "MB")
-    lines += [""] + _stage_table(report, "wall_s", "wall s", "s")
-    dec = [r for r in report["results"] if r["name"].startswith("decode-") and "error" not in r]
-    if dec:
-        bw = report.get("read_bandwidth_gb_s")
-        lines += ["", f"decode: {report['prompt_tokens']}-token prompt, {report['new_tokens']} new "
-                  f"tokens; read bandwidth in this run "
-                  + ("n/a" if bw is None else f"{bw:.1f} GB/s"),
-                  f"{'backend':<16}{'layers':>7}{'tok/s':>9}{'MB/token':>10}{'KV MB':>8}"
-                  f"{'BW use':>8}{'RSS/(read+KV)':>15}"]
-        for r in dec:
-            util = r.get("bw_utilisation")
-            lines.append(f"{r['name']:<16}{r['layers']:>7}{r['tokens_per_s']:>9.1f}"
-                         f"{r['bytes_per_token'] / MB:>10.1f}{r['kv_bytes'] / MB:>8.1f}"
-                         f"{'n/a' if util is None else f'{100 * util:.0f}%':>8}"
-                         f"{r['rss_per_read_and_kv']:>15.2f}")
-    lines += ["", f"{'target':<52}{'value':>11}{'bound':>12}  result"]
-    for t in report["targets"]:
-        verdict = {True: "pass", False: "FAIL", None: "n/a"}[t["passed"]]
-        bound = (">= " if t.get("at_least") else "<= ") + _fmt(t["bound"], t["unit"])
-        lines.append(f"{t['name']:<52}{_fmt(t['value'], t['unit']):>11}{bound:>12}  "
-                     f"{verdict} ({t['source']})")
-    lines += ["", "fit @32: the least-squares line c + s*L at 32 layers of this width. "
-              "Phi-3-mini / -medium: y = c*E_T/E_B + s*L_T*P_T/P_B,",
-              "P = h*(h + 2*kv*d) + h*h + 3*h*i the parameters of one layer, E = vocab*h; "
-              "mini: h 3072, i 8192, 32 layers; medium: h 5120,",
-              "i 17920, kv 10 x d 128, 40 layers; vocab 32064. MB and GB are decimal."]
-    errors = [f"  {r['name']} @{r['layers']}: {r['error']}" for r in report["results"]
-              if "error" in r]
-    if errors:
-        lines += ["", "errors:"] + errors
-    if report.get("work_dir"):
-        lines += ["", f"outputs kept in {report['work_dir']}"]
-    return "\n".join(lines)

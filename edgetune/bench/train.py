@@ -23,8 +23,12 @@ import json
 import multiprocessing as mp
 import tempfile
 import time
+from typing import TYPE_CHECKING, cast
 
 from . import best_round, in_fresh_process, peak_rss_bytes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SETUPS = ("lora-fp32", "qlora", "qdora", "bnb-qlora")
 
@@ -34,10 +38,18 @@ def _model(hidden: int, layers: int, vocab: int):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                     num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                     num_key_value_heads=hidden // 64, max_position_embeddings=1024,
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = Phi3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     with torch.device("cpu"):
         return Phi3ForCausalLM(cfg).float()
 
@@ -52,8 +64,16 @@ def _copy_tokenizer(model_dir: str) -> None:
             shutil.copy(f, model_dir)
 
 
-def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: int,
-         checkpointing: bool, out: mp.Queue) -> None:
+def _run(
+    setup: str,
+    model_dir: str,
+    vocab: int,
+    batch: int,
+    seq: int,
+    steps: int,
+    checkpointing: bool,
+    out: mp.Queue,
+) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -64,19 +84,30 @@ def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: in
 
     return_freed_memory()  # as edgetune's trainer does; every setup, baselines included
 
-    config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                        use_dora=setup == "qdora", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules="all-linear",
+        use_dora=setup == "qdora",
+        task_type="CAUSAL_LM",
+    )
+    model: PreTrainedModel
     if setup in ("qlora", "qdora"):
-        model = load_model_nf4(model_dir)
+        # load_model_nf4 is annotated nn.Module; what it returns is the transformers model
+        model = cast("PreTrainedModel", load_model_nf4(model_dir))
         for_nf4_base(config)
     elif setup == "bnb-qlora":  # the usual stack: bitsandbytes quantizes while loading
         from transformers import BitsAndBytesConfig
 
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                 bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                     quantization_config=bnb, device_map="cpu")
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, quantization_config=bnb, device_map="cpu"
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for p in model.parameters():
@@ -97,14 +128,27 @@ def _run(setup: str, model_dir: str, vocab: int, batch: int, seq: int, steps: in
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     n_params = sum(p.numel() for p in model.parameters())
-    out.put({"name": setup, "ms": 1e3 * sorted(times[1:])[len(times[1:]) // 2],
-             "peak_rss_mb": peak_rss_bytes() / 2**20,
-             "params_m": n_params / 1e6})
+    out.put(
+        {
+            "name": setup,
+            "ms": 1e3 * sorted(times[1:])[len(times[1:]) // 2],
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
+            "params_m": n_params / 1e6,
+        }
+    )
 
 
-def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int = 1,
-          seq: int = 128, steps: int = 3, rounds: int = 2, checkpointing: bool = False,
-          log=print) -> list[dict]:
+def bench(
+    hidden: int = 1024,
+    layers: int = 16,
+    vocab: int = 32064,
+    batch: int = 1,
+    seq: int = 128,
+    steps: int = 3,
+    rounds: int = 2,
+    checkpointing: bool = False,
+    log=print,
+) -> list[dict]:
     """Run every setup in a fresh process, ``rounds`` times in alternation (a slow phase of a
     shared machine then hits every setup; each keeps its fastest round, and the highest peak
     RSS of its rounds); ratios are against bitsandbytes and fp32 LoRA. ``checkpointing``:
@@ -115,15 +159,22 @@ def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int =
         _copy_tokenizer(model_dir)  # a model dir is complete with one (not used for speed)
         for _ in range(rounds):
             for setup in SETUPS:
-                r, code = in_fresh_process(_run, setup, model_dir, vocab, batch, seq, steps,
-                                           checkpointing)
+                r, code = in_fresh_process(
+                    _run, setup, model_dir, vocab, batch, seq, steps, checkpointing
+                )
                 if r is None:
                     log(f"{setup}: failed (exit code {code})")
                     continue
                 log(f"{setup}: {r['ms']:.0f} ms/step, peak RSS {r['peak_rss_mb']:.0f} MB")
                 runs[setup].append(r)
-    results = [{**best_round(runs[s], lambda r: -r["ms"], "peak_rss_mb"),
-                "gradient_checkpointing": checkpointing} for s in SETUPS if runs[s]]
+    results = [
+        {
+            **best_round(runs[s], lambda r: -r["ms"], "peak_rss_mb"),
+            "gradient_checkpointing": checkpointing,
+        }
+        for s in SETUPS
+        if runs[s]
+    ]
     by = {r["name"]: r for r in results}
     for r in results:
         for base in ("bnb-qlora", "lora-fp32"):
@@ -136,13 +187,17 @@ def bench(hidden: int = 1024, layers: int = 16, vocab: int = 32064, batch: int =
 
 
 def format_results(results: list[dict]) -> str:
-    lines = [f"{'setup':<12}{'ms/step':>10}{'peak RSS MB':>13}{'vs bnb (time)':>15}"
-             f"{'vs fp32 LoRA (time)':>21}{'vs fp32 LoRA (RSS)':>20}"]
+    lines = [
+        f"{'setup':<12}{'ms/step':>10}{'peak RSS MB':>13}{'vs bnb (time)':>15}"
+        f"{'vs fp32 LoRA (time)':>21}{'vs fp32 LoRA (RSS)':>20}"
+    ]
     for r in results:
-        lines.append(f"{r['name']:<12}{r['ms']:>10.0f}{r['peak_rss_mb']:>13.0f}"
-                     f"{r.get('step_time_vs_bnb-qlora', float('nan')):>15.2f}"
-                     f"{r.get('step_time_vs_lora-fp32', float('nan')):>21.2f}"
-                     f"{r.get('peak_rss_vs_lora-fp32', float('nan')):>20.2f}")
+        lines.append(
+            f"{r['name']:<12}{r['ms']:>10.0f}{r['peak_rss_mb']:>13.0f}"
+            f"{r.get('step_time_vs_bnb-qlora', float('nan')):>15.2f}"
+            f"{r.get('step_time_vs_lora-fp32', float('nan')):>21.2f}"
+            f"{r.get('peak_rss_vs_lora-fp32', float('nan')):>20.2f}"
+        )
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Read and validate fine-tuning datasets in JSONL.
 
-One example per line, in any of the three formats DESIGN.md names:
+One example per line, in any of the three formats docs/design.md names:
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` (chat, as Azure AI
 Foundry and OpenAI fine-tuning use), ``{"prompt": ..., "completion": ...}``,
 or ``{"text": ...}``. Every problem is reported with file, line and field.
@@ -59,10 +59,14 @@ def parse_example(obj: object, where: str) -> Example:
         for i, m in enumerate(msgs):
             field = f"messages[{i}]"
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"{where}: field '{field}' must be an object with 'role' and 'content'")
+                raise DataError(
+                    f"{where}: field '{field}' must be an object with 'role' and 'content'"
+                )
             if m["role"] not in ROLES:
-                raise DataError(f"{where}: field '{field}.role' is {m['role']!r}; "
-                                f"expected one of {', '.join(ROLES)}")
+                raise DataError(
+                    f"{where}: field '{field}.role' is {m['role']!r}; "
+                    f"expected one of {', '.join(ROLES)}"
+                )
             if not isinstance(m["content"], str):
                 raise DataError(f"{where}: field '{field}.content' must be a string")
             pairs.append((m["role"], m["content"]))
@@ -73,8 +77,11 @@ def parse_example(obj: object, where: str) -> Example:
         for field in ("prompt", "completion"):
             if field not in obj:
                 raise DataError(f"{where}: field '{field}' is missing (prompt/completion format)")
-        return Example(prompt=_str_field(obj, "prompt", where),
-                       completion=_str_field(obj, "completion", where), where=where)
+        return Example(
+            prompt=_str_field(obj, "prompt", where),
+            completion=_str_field(obj, "completion", where),
+            where=where,
+        )
     if "text" in obj:
         text = _str_field(obj, "text", where)
         if not text:

@@ -17,21 +17,44 @@ from pathlib import Path
 
 from .jsonl import write_jsonl
 
-ROOMS = ["kitchen", "living room", "bedroom", "bathroom", "office", "garage", "hallway",
-         "dining room", "basement", "porch"]
+ROOMS = [
+    "kitchen",
+    "living room",
+    "bedroom",
+    "bathroom",
+    "office",
+    "garage",
+    "hallway",
+    "dining room",
+    "basement",
+    "porch",
+]
 
 # device -> action -> phrasings; {room} {level} are filled in, a time may be appended.
 PHRASES: dict[str, dict[str, list[str]]] = {
     "light": {
-        "on": ["turn on the {room} lights", "switch on the {room} light", "lights on in the {room}"],
-        "off": ["turn off the {room} lights", "switch off the {room} light",
-                "lights off in the {room}"],
-        "dim": ["dim the {room} lights to {level}%", "set the {room} lights to {level} percent",
-                "{room} lights at {level}%"],
+        "on": [
+            "turn on the {room} lights",
+            "switch on the {room} light",
+            "lights on in the {room}",
+        ],
+        "off": [
+            "turn off the {room} lights",
+            "switch off the {room} light",
+            "lights off in the {room}",
+        ],
+        "dim": [
+            "dim the {room} lights to {level}%",
+            "set the {room} lights to {level} percent",
+            "{room} lights at {level}%",
+        ],
     },
     "thermostat": {
-        "set": ["set the {room} thermostat to {level} degrees", "heat the {room} to {level}",
-                "make the {room} {level} degrees"],
+        "set": [
+            "set the {room} thermostat to {level} degrees",
+            "heat the {room} to {level}",
+            "make the {room} {level} degrees",
+        ],
         "off": ["turn off the heating in the {room}", "switch off the {room} thermostat"],
     },
     "blinds": {
@@ -88,10 +111,12 @@ def make_example(rng: random.Random, device: str, action: str, room: str) -> dic
         answer["time"] = h24
     if rng.random() < 0.3:
         command = rng.choice(["please ", "could you ", "hey, "]) + command
-    return {"messages": [
-        {"role": "user", "content": command},
-        {"role": "assistant", "content": json.dumps(answer)},
-    ]}
+    return {
+        "messages": [
+            {"role": "user", "content": command},
+            {"role": "assistant", "content": json.dumps(answer)},
+        ]
+    }
 
 
 def combinations() -> list[tuple[str, str, str]]:
@@ -113,13 +138,16 @@ def split_combinations(seed: int, heldout_fraction: float = 0.2):
     return train + moved, heldout
 
 
-def generate(out_dir: str | Path, n_train: int = 2000, n_heldout: int = 200,
-             seed: int = 0) -> tuple[Path, Path]:
+def generate(
+    out_dir: str | Path, n_train: int = 2000, n_heldout: int = 200, seed: int = 0
+) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``heldout.jsonl`` in the chat ``messages`` format."""
     rng = random.Random(seed)
     train_c, heldout_c = split_combinations(seed)
     train = [make_example(rng, *rng.choice(train_c)) for _ in range(n_train)]
     heldout = [make_example(rng, *rng.choice(heldout_c)) for _ in range(n_heldout)]
     out_dir = Path(out_dir)
-    return (write_jsonl(out_dir / "train.jsonl", train),
-            write_jsonl(out_dir / "heldout.jsonl", heldout))
+    return (
+        write_jsonl(out_dir / "train.jsonl", train),
+        write_jsonl(out_dir / "heldout.jsonl", heldout),
+    )

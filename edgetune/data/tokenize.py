@@ -31,9 +31,11 @@ def _ids(tokenizer, text: str) -> list[int]:
 def _chat_segments(tokenizer, ex: Example) -> list[tuple[list[int], bool]]:
     """(token ids, is_assistant) segments covering the whole rendered conversation."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{ex.where}: a 'messages' example needs a chat template, and this "
-                        "model's tokenizer has none; use 'prompt'/'completion' or 'text' "
-                        "examples, or add chat_template.jinja to the model dir")
+        raise DataError(
+            f"{ex.where}: a 'messages' example needs a chat template, and this "
+            "model's tokenizer has none; use 'prompt'/'completion' or 'text' "
+            "examples, or add chat_template.jinja to the model dir"
+        )
     chat = ex.as_chat()
     segments: list[tuple[list[int], bool]] = []
     done: list[int] = []
@@ -44,10 +46,12 @@ def _chat_segments(tokenizer, ex: Example) -> list[tuple[list[int], bool]]:
         full = tokenizer.apply_chat_template(chat[: i + 1], tokenize=False)
         prefix_ids, full_ids = _ids(tokenizer, prefix), _ids(tokenizer, full)
         if full_ids[: len(prefix_ids)] != prefix_ids:
-            raise DataError("the chat template does not render a conversation as a prefix of "
-                            "its continuation; cannot mask the prompt tokens")
-        segments.append((prefix_ids[len(done):], False))
-        segments.append((full_ids[len(prefix_ids):], True))
+            raise DataError(
+                "the chat template does not render a conversation as a prefix of "
+                "its continuation; cannot mask the prompt tokens"
+            )
+        segments.append((prefix_ids[len(done) :], False))
+        segments.append((full_ids[len(prefix_ids) :], True))
         done = full_ids
     return segments
 
@@ -57,8 +61,14 @@ def tokenize_example(tokenizer, ex: Example, train_on_prompt: bool = False) -> T
     if ex.kind == "messages":
         segments = _chat_segments(tokenizer, ex)
     elif ex.kind == "prompt":
-        segments = [(_ids(tokenizer, ex.prompt), False), (_ids(tokenizer, ex.completion) + eos, True)]
+        # parse_example only makes a prompt example with both fields set
+        assert ex.prompt is not None and ex.completion is not None
+        segments = [
+            (_ids(tokenizer, ex.prompt), False),
+            (_ids(tokenizer, ex.completion) + eos, True),
+        ]
     else:
+        assert ex.text is not None  # neither messages nor prompt: parse_example set text
         segments = [(_ids(tokenizer, ex.text) + eos, True)]
     ids: list[int] = []
     labels: list[int] = []
@@ -68,8 +78,14 @@ def tokenize_example(tokenizer, ex: Example, train_on_prompt: bool = False) -> T
     return TokenizedExample(ids, labels)
 
 
-def tokenize_examples(tokenizer, examples: list[Example], seq_len: int, source: str = "",
-                      strict: bool = False, train_on_prompt: bool = False) -> list[TokenizedExample]:
+def tokenize_examples(
+    tokenizer,
+    examples: list[Example],
+    seq_len: int,
+    source: str = "",
+    strict: bool = False,
+    train_on_prompt: bool = False,
+) -> list[TokenizedExample]:
     """Tokenize all examples; sequences over ``seq_len`` are truncated with a warning,
     or refused under ``strict``."""
     out, too_long = [], []
@@ -79,12 +95,15 @@ def tokenize_examples(tokenizer, examples: list[Example], seq_len: int, source: 
             too_long.append(ex.where or f"example {i + 1}")
             t = TokenizedExample(t.input_ids[:seq_len], t.labels[:seq_len])
         if all(lab == IGNORE for lab in t.labels):
-            raise DataError(f"{ex.where or source}: no tokens to learn from within "
-                            f"--seq-len {seq_len}")
+            raise DataError(
+                f"{ex.where or source}: no tokens to learn from within --seq-len {seq_len}"
+            )
         out.append(t)
     if too_long:
-        msg = (f"{source}: {len(too_long)} example(s) longer than --seq-len {seq_len} "
-               f"(first: {too_long[0]})")
+        msg = (
+            f"{source}: {len(too_long)} example(s) longer than --seq-len {seq_len} "
+            f"(first: {too_long[0]})"
+        )
         if strict:
             raise DataError(msg + "; refusing under --strict")
         warnings.warn(msg + "; truncated", stacklevel=2)

@@ -36,8 +36,14 @@ __all__ = ["ExportConfig", "export"]
 
 DECODER = "model.onnx"
 DECODER_DATA = "model.onnx.data"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
 
 
 def budget(token_lists: list[list[int]], tokens: int) -> list[list[int]]:
@@ -54,15 +60,35 @@ def budget(token_lists: list[list[int]], tokens: int) -> list[list[int]]:
 
 
 def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DECODER_DATA, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DECODER_DATA,
+        size_threshold=1024,
+    )
 
 
 def _architecture(cfg: dict) -> dict:
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
-            "original_max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
-            "partial_rotary_factor", "sliding_window", "tie_word_embeddings", "hidden_act")
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+        "original_max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "partial_rotary_factor",
+        "sliding_window",
+        "tie_word_embeddings",
+        "hidden_act",
+    )
     return {"model_type": cfg["model_type"], **{k: cfg[k] for k in keys if k in cfg}}
 
 
@@ -70,8 +96,11 @@ def genai_config(cfg: dict, tokenizer, context: int) -> dict:
     """onnxruntime-genai's genai_config.json for the bundle's decoder."""
     heads = cfg["num_attention_heads"]
     gen_eos = cfg.get("eos_token_id")
-    eos = gen_eos if isinstance(gen_eos, list) else [gen_eos if gen_eos is not None
-                                                      else tokenizer.eos_token_id]
+    eos = (
+        gen_eos
+        if isinstance(gen_eos, list)
+        else [gen_eos if gen_eos is not None else tokenizer.eos_token_id]
+    )
     return {
         "model": {
             "bos_token_id": cfg.get("bos_token_id", tokenizer.bos_token_id),
@@ -81,12 +110,18 @@ def genai_config(cfg: dict, tokenizer, context: int) -> dict:
                 "filename": DECODER,
                 "head_size": cfg.get("head_dim") or cfg["hidden_size"] // heads,
                 "hidden_size": cfg["hidden_size"],
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids",
-                           "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
                 "num_attention_heads": heads,
                 "num_hidden_layers": cfg["num_hidden_layers"],
                 "num_key_value_heads": cfg.get("num_key_value_heads", heads),
@@ -96,9 +131,18 @@ def genai_config(cfg: dict, tokenizer, context: int) -> dict:
             "type": cfg["model_type"],
             "vocab_size": cfg["vocab_size"],
         },
-        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False,
-                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+        "search": {
+            "do_sample": False,
+            "max_length": context,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
     }
 
 
@@ -117,8 +161,13 @@ def quantization_spec(cfg: ExportConfig, calibration: dict | None = None) -> dic
     """What the manifest and report record: only the settings the bundle was built with."""
     spec: dict = {"quant": cfg.quant}
     if cfg.quant == "int4":
-        spec.update(algo=cfg.algo, block_size=cfg.block_size, symmetric=cfg.symmetric,
-                    accuracy_level=cfg.accuracy_level, lm_head=cfg.lm_head)
+        spec.update(
+            algo=cfg.algo,
+            block_size=cfg.block_size,
+            symmetric=cfg.symmetric,
+            accuracy_level=cfg.accuracy_level,
+            lm_head=cfg.lm_head,
+        )
         if calibration:
             spec["calibration"] = calibration
     elif cfg.quant == "int8":
@@ -127,9 +176,11 @@ def quantization_spec(cfg: ExportConfig, calibration: dict | None = None) -> dic
         spec.update(int8=INT8_KIND, lm_head=cfg.lm_head)
     spec["embedding"] = cfg.embedding
     if cfg.embedding != "fp32":
-        spec["embedding_block"] = {"block_size": cfg.block_size,
-                                   "symmetric": cfg.symmetric or cfg.embedding == "int8",
-                                   "op": "com.microsoft.GatherBlockQuantized"}
+        spec["embedding_block"] = {
+            "block_size": cfg.block_size,
+            "symmetric": cfg.symmetric or cfg.embedding == "int8",
+            "op": "com.microsoft.GatherBlockQuantized",
+        }
     return spec
 
 
@@ -149,8 +200,13 @@ def _decoder(model_dir: Path, bundle: Path, work: Path, cfg: ExportConfig, log):
         head = quantize_weights(model, cfg)  # what is left: the LM head, per --lm-head
         shutil.rmtree(fp32)
         _save_onnx(model, bundle / DECODER)
-        summary = QuantSummary({"int8-dynamic": sum(n.op_type == "MatMulInteger" for n in model.graph.node),
-                                **head.quantized}, head.kept)
+        summary = QuantSummary(
+            {
+                "int8-dynamic": sum(n.op_type == "MatMulInteger" for n in model.graph.node),
+                **head.quantized,
+            },
+            head.kept,
+        )
         return summary, None, res.embedding
     res = DecoderWriter(model_dir, cfg, gptq).write(bundle, DECODER, DECODER_DATA, cfg.opset)
     if gptq is not None:
@@ -158,8 +214,13 @@ def _decoder(model_dir: Path, bundle: Path, work: Path, cfg: ExportConfig, log):
     return QuantSummary(res.quantized, res.kept), calibration, res.embedding
 
 
-def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = None,
-           force: bool = False, log=print) -> Path:
+def export(
+    model_dir: str | Path,
+    out: str | Path,
+    cfg: ExportConfig | None = None,
+    force: bool = False,
+    log=print,
+) -> Path:
     """Export a merged HF model dir into a bundle at ``out``; returns ``out``.
 
     Streams: tensors are read one at a time from the checkpoint and written to the bundle
@@ -185,12 +246,17 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
                 shutil.copy(model_dir / name, bundle / name)
         context = int(hf_cfg.get("max_position_embeddings", 2048))
         (bundle / "genai_config.json").write_text(
-            json.dumps(genai_config(hf_cfg, tokenizer, context), indent=2) + "\n")
+            json.dumps(genai_config(hf_cfg, tokenizer, context), indent=2) + "\n"
+        )
 
-        token_lists = budget([tokenizer(t, add_special_tokens=False)["input_ids"][:context]
-                              for t in texts], cfg.eval_tokens)
-        report = {"quantization": quantization_spec(cfg, calibration),
-                  **parity_report(model_dir, bundle / DECODER, token_lists, cfg)}
+        token_lists = budget(
+            [tokenizer(t, add_special_tokens=False)["input_ids"][:context] for t in texts],
+            cfg.eval_tokens,
+        )
+        report = {
+            "quantization": quantization_spec(cfg, calibration),
+            **parity_report(model_dir, bundle / DECODER, token_lists, cfg),
+        }
         report["matmuls_quantized"] = summary.quantized
         report["kept_fp32"] = summary.kept
         if embedding_note:
@@ -201,20 +267,33 @@ def export(model_dir: str | Path, out: str | Path, cfg: ExportConfig | None = No
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
         (bundle / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
-        tok_cfg = json.loads((bundle / "tokenizer_config.json").read_text()) \
-            if (bundle / "tokenizer_config.json").is_file() else {}
-        write_manifest(bundle, {
-            "producer": "edgetune",
-            "architecture": _architecture(hf_cfg),
-            "quantization": report["quantization"],
-            "decoder": {"filename": DECODER, "external_data": DECODER_DATA, "context_length": context,
-                        "inputs": "input_ids, attention_mask, position_ids, past_key_values.%d.key/value",
-                        "kv_layout": "(batch, kv_heads, seq, head_dim)"},
-            "tokenizer": {"file": "tokenizer.json", "eos_token_ids": _eos_ids(model_dir, tokenizer),
-                          "bos_token_id": tokenizer.bos_token_id,
-                          "chat_template": tokenizer.chat_template or tok_cfg.get("chat_template")},
-            "report": {k: report[k] for k in ("onnx_vs_torch", "quant_vs_fp32") if k in report},
-        })
+        tok_cfg = (
+            json.loads((bundle / "tokenizer_config.json").read_text())
+            if (bundle / "tokenizer_config.json").is_file()
+            else {}
+        )
+        write_manifest(
+            bundle,
+            {
+                "producer": "edgetune",
+                "architecture": _architecture(hf_cfg),
+                "quantization": report["quantization"],
+                "decoder": {
+                    "filename": DECODER,
+                    "external_data": DECODER_DATA,
+                    "context_length": context,
+                    "inputs": "input_ids, attention_mask, position_ids, past_key_values.%d.key/value",
+                    "kv_layout": "(batch, kv_heads, seq, head_dim)",
+                },
+                "tokenizer": {
+                    "file": "tokenizer.json",
+                    "eos_token_ids": _eos_ids(model_dir, tokenizer),
+                    "bos_token_id": tokenizer.bos_token_id,
+                    "chat_template": tokenizer.chat_template or tok_cfg.get("chat_template"),
+                },
+                "report": {k: report[k] for k in ("onnx_vs_torch", "quant_vs_fp32") if k in report},
+            },
+        )
         log(format_report(report))
         commit_dir(bundle, out)
     finally:

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from ..errors import ConfigError
 from ..kernels import Q4_BLOCK_SIZES
 
-QUANTS = ("int4", "int8", "int8-dynamic", "none")
-HEAD_QUANTS = ("int8", "int4", "fp32")
-ALGOS = ("rtn", "hqq", "gptq")
-EMBEDDINGS = ("fp32", "int8", "int4")
+Quant = Literal["int4", "int8", "int8-dynamic", "none"]
+HeadQuant = Literal["int8", "int4", "fp32"]
+Algo = Literal["rtn", "hqq", "gptq"]
+Embedding = Literal["fp32", "int8", "int4"]
+QUANTS, HEAD_QUANTS, ALGOS, EMBEDDINGS = map(get_args, (Quant, HeadQuant, Algo, Embedding))
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    quant: str = "int4"
+    """Every field is an ``export`` flag and a YAML key; its docstring is the flag's help."""
+
+    quant: Quant = "int4"
     """int4 (MatMulNBits 4-bit blocks), int8 (MatMulNBits 8-bit blocks; with accuracy_level
     4 the activations are quantized to int8 per block at run time), int8-dynamic (ONNX
     Runtime's quantize_dynamic: per-channel int8 weights, one uint8 scale per activation
     tensor, DynamicQuantizeLinear + MatMulInteger; ORT backend only) or none (fp32)."""
-    algo: str = "rtn"
+    algo: Algo = "rtn"
     """How int4 blocks are chosen: rtn (round to nearest), hqq (half-quadratic, no data) or
     gptq (Hessian-compensated rounding over calibration text). Same layout for all three."""
-    embedding: str = "fp32"
+    embedding: Embedding = "fp32"
     """Embedding table: fp32, or int8/int4 blocks along the hidden size read through
     com.microsoft GatherBlockQuantized (same block size and symmetry as the projections)."""
     block_size: int = 32
@@ -33,7 +37,7 @@ class ExportConfig:
     algorithm's natural choice, symmetric for rtn and gptq, asymmetric for hqq."""
     accuracy_level: int = 4
     """MatMulNBits accuracy_level: 4 = int8 activations (fastest on CPU), 0 = fp32 math."""
-    lm_head: str = "int8"
+    lm_head: HeadQuant = "int8"
     """LM head precision for int4 exports; an int4 head is a known source of wrong tokens."""
     eval_data: str | None = None
     """JSONL (or .txt) held-out text for the parity report; default: the bundled task."""
@@ -74,11 +78,13 @@ class ExportConfig:
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", self.algo != "hqq")
         if self.algo != "rtn" and self.quant != "int4":
-            raise ConfigError(f"algo {self.algo} chooses 4-bit blocks: it needs quant int4, "
-                              f"not {self.quant}")
+            raise ConfigError(
+                f"algo {self.algo} chooses 4-bit blocks: it needs quant int4, not {self.quant}"
+            )
         if self.embedding not in EMBEDDINGS:
-            raise ConfigError(f"embedding must be one of {', '.join(EMBEDDINGS)}, "
-                              f"got {self.embedding!r}")
+            raise ConfigError(
+                f"embedding must be one of {', '.join(EMBEDDINGS)}, got {self.embedding!r}"
+            )
         if self.eval_tokens < 2:
             raise ConfigError(f"eval tokens must be at least 2, got {self.eval_tokens}")
         if self.calib_tokens < 1:

@@ -43,19 +43,28 @@ class Dims:
     def of(cfg: dict) -> Dims:
         family = cfg.get("model_type")
         if family not in SUPPORTED:
-            raise ModelError(f"model_type {family!r} is not supported; supported: {', '.join(SUPPORTED)}")
+            raise ModelError(
+                f"model_type {family!r} is not supported; supported: {', '.join(SUPPORTED)}"
+            )
         heads = int(cfg["num_attention_heads"])
         window = cfg.get("sliding_window")
         if family == "qwen2" and not cfg.get("use_sliding_window", False):
             window = None
         if window is not None and family not in ("mistral", "qwen2"):
             window = None  # Phi-3 / Llama configs carry the field but their models ignore it
-        return Dims(family, int(cfg["hidden_size"]), int(cfg["intermediate_size"]),
-                    int(cfg["num_hidden_layers"]), heads,
-                    int(cfg.get("num_key_value_heads") or heads),
-                    int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
-                    int(cfg["vocab_size"]), float(cfg.get("rms_norm_eps", 1e-6)),
-                    bool(cfg.get("tie_word_embeddings", False)), int(window) if window else None)
+        return Dims(
+            family,
+            int(cfg["hidden_size"]),
+            int(cfg["intermediate_size"]),
+            int(cfg["num_hidden_layers"]),
+            heads,
+            int(cfg.get("num_key_value_heads") or heads),
+            int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+            int(cfg["vocab_size"]),
+            float(cfg.get("rms_norm_eps", 1e-6)),
+            bool(cfg.get("tie_word_embeddings", False)),
+            int(window) if window else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -75,23 +84,37 @@ class Proj:
 def attention_projs(d: Dims, i: int) -> list[Proj]:
     p = f"model.layers.{i}.self_attn"
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    qkv = ([Proj(f"{p}.qkv_proj", d.hidden, q + 2 * kv)] if d.fused else
-           [Proj(f"{p}.q_proj", d.hidden, q, d.qkv_bias), Proj(f"{p}.k_proj", d.hidden, kv, d.qkv_bias),
-            Proj(f"{p}.v_proj", d.hidden, kv, d.qkv_bias)])
+    qkv = (
+        [Proj(f"{p}.qkv_proj", d.hidden, q + 2 * kv)]
+        if d.fused
+        else [
+            Proj(f"{p}.q_proj", d.hidden, q, d.qkv_bias),
+            Proj(f"{p}.k_proj", d.hidden, kv, d.qkv_bias),
+            Proj(f"{p}.v_proj", d.hidden, kv, d.qkv_bias),
+        ]
+    )
     return qkv + [Proj(f"{p}.o_proj", q, d.hidden)]
 
 
 def mlp_projs(d: Dims, i: int) -> list[Proj]:
     p = f"model.layers.{i}.mlp"
-    up = ([Proj(f"{p}.gate_up_proj", d.hidden, 2 * d.intermediate)] if d.fused else
-          [Proj(f"{p}.gate_proj", d.hidden, d.intermediate), Proj(f"{p}.up_proj", d.hidden, d.intermediate)])
+    up = (
+        [Proj(f"{p}.gate_up_proj", d.hidden, 2 * d.intermediate)]
+        if d.fused
+        else [
+            Proj(f"{p}.gate_proj", d.hidden, d.intermediate),
+            Proj(f"{p}.up_proj", d.hidden, d.intermediate),
+        ]
+    )
     return up + [Proj(f"{p}.down_proj", d.intermediate, d.hidden)]
 
 
 def expected_shapes(d: Dims) -> dict[str, tuple[int, ...]]:
     """Every tensor the decoder reads, with the shape config.json implies (HF layout)."""
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (d.vocab, d.hidden),
-                                          "model.norm.weight": (d.hidden,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (d.vocab, d.hidden),
+        "model.norm.weight": (d.hidden,),
+    }
     if not d.tied:
         shapes["lm_head.weight"] = (d.vocab, d.hidden)
     for i in range(d.layers):

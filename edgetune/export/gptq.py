@@ -37,12 +37,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ConfigError, ModelError
 from ..kernels import Q4Weight
 from ..kernels.reference import q4_weight, rtn_params
+
+if TYPE_CHECKING:
+    import torch
+
+    from .layerwise import States
 
 LAZY_BATCH = 128
 
@@ -52,12 +58,12 @@ def calibration_texts(tokenizer, calib_data: str | None, limit: int = 512) -> li
     combinations (the parity report scores held-out ones, which calibration must not see)."""
     from .report import task_texts
 
-    return task_texts(tokenizer, calib_data, limit, heldout=False, seed=2,
-                      what="calibration data")
+    return task_texts(tokenizer, calib_data, limit, heldout=False, seed=2, what="calibration data")
 
 
-def calibration_rows(tokenizer, texts: list[str], tokens: int,
-                     max_len: int = 512) -> tuple[list[list[int]], int]:
+def calibration_rows(
+    tokenizer, texts: list[str], tokens: int, max_len: int = 512
+) -> tuple[list[list[int]], int]:
     """Token rows to calibrate on: texts packed into rows of up to ``max_len`` tokens until
     about ``tokens`` are reached; (rows, tokens used)."""
     rows: list[list[int]] = [[]]
@@ -76,8 +82,9 @@ def calibration_rows(tokenizer, texts: list[str], tokens: int,
     return rows, seen
 
 
-def collect_hessians(model, tokenizer, texts: list[str], modules: set[str], tokens: int,
-                     max_len: int = 512) -> tuple[dict[str, np.ndarray], int]:
+def collect_hessians(
+    model, tokenizer, texts: list[str], modules: set[str], tokens: int, max_len: int = 512
+) -> tuple[dict[str, np.ndarray], int]:
     """``X^T X`` (K, K) of the inputs of each named ``nn.Linear`` over about ``tokens``
     calibration tokens, texts packed into rows of up to ``max_len``; returns (hessians,
     tokens used).
@@ -95,6 +102,7 @@ def collect_hessians(model, tokenizer, texts: list[str], modules: set[str], toke
         def fn(_mod, inputs, _out):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             hess[name] = hess.get(name, 0) + x.T @ x
+
         return fn
 
     for name, mod in model.named_modules():
@@ -112,6 +120,7 @@ def collect_hessians(model, tokenizer, texts: list[str], modules: set[str], toke
 
 
 # -- sequential calibration, one layer at a time -------------------------------------------
+
 
 class GptqCalibration:
     """Sequential GPTQ's activations, driven in layer order by the exporter::
@@ -138,14 +147,16 @@ class GptqCalibration:
         self.lw = Layerwise(model_dir)
         self.n_layers = self.lw.n_layers
         with torch_threads(), torch.inference_mode():
-            self.states = self.lw.embed(token_lists)
+            self.states: States | None = self.lw.embed(token_lists)  # None once finished
         self.layer = 0  # the layer whose Hessians come next
         self._summed = False
 
     def _expect(self, i: int, summed: bool | None, what: str) -> None:
         if i != self.layer or summed not in (None, self._summed) or i >= self.n_layers:
             step = "advance" if self._summed else "hessians"
-            raise ValueError(f"GptqCalibration.{what}({i}) out of order: next is {step}({self.layer})")
+            raise ValueError(
+                f"GptqCalibration.{what}({i}) out of order: next is {step}({self.layer})"
+            )
 
     def hessians(self, i: int) -> dict[str, np.ndarray]:
         """{HF weight name of each ``nn.Linear`` of layer ``i``: X^T X (in, in) fp32} summed
@@ -187,15 +198,21 @@ class GptqCalibration:
                     acc = sums[name] = torch.zeros((x.shape[1], x.shape[1]))
                 acc.addmm_(x.T, x)  # fp32: 4 bytes x K^2 per distinct input
                 seen.append((inputs[0], acc))
+
             return fn
 
         prefix = self.lw.layer_prefix(i)
-        hooks = [m.register_forward_hook(hook(f"{prefix}{n}.weight"))
-                 for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+        hooks = [
+            m.register_forward_hook(hook(f"{prefix}{n}.weight"))
+            for n, m in layer.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        ]
+        states = self.states
+        assert states is not None  # freed by GptqDriver.finish() only, after the last layer
         try:
-            for r in range(len(self.states.rows)):  # the outputs are not kept: advance makes them
+            for r in range(len(states.rows)):  # the outputs are not kept: advance makes them
                 seen.clear()
-                self.lw.run_row(i, self.states, r)
+                self.lw.run_row(i, states, r)
         finally:
             seen.clear()
             for hk in hooks:
@@ -212,6 +229,7 @@ class GptqCalibration:
         from .layerwise import as_weight_fn, torch_threads
 
         self._expect(i, None, "advance")
+        assert self.states is not None  # freed by GptqDriver.finish() only, after the last layer
         with torch_threads(), torch.inference_mode():
             self.lw.load_layer(i, as_weight_fn(weights))
             try:
@@ -247,15 +265,22 @@ class GptqDriver:
 
         tokenizer = load_tokenizer(model_dir)
         source = cfg.calib_data or cfg.eval_data
-        rows, used = calibration_rows(tokenizer, calibration_texts(tokenizer, source),
-                                      cfg.calib_tokens)
-        calibration = {"source": str(source) if source else "bundled task, training split",
-                       "tokens": used, "damp": cfg.gptq_damp, "act_order": cfg.act_order,
-                       "sequential": True,
-                       "overlaps_report_text": bool(source) and source == cfg.eval_data}
+        rows, used = calibration_rows(
+            tokenizer, calibration_texts(tokenizer, source), cfg.calib_tokens
+        )
+        calibration = {
+            "source": str(source) if source else "bundled task, training split",
+            "tokens": used,
+            "damp": cfg.gptq_damp,
+            "act_order": cfg.act_order,
+            "sequential": True,
+            "overlaps_report_text": bool(source) and source == cfg.eval_data,
+        }
         if calibration["overlaps_report_text"]:
-            log(f"note: GPTQ calibrated on {source}, the text the parity report scores; "
-                "pass --calib-data for an independent report")
+            log(
+                f"note: GPTQ calibrated on {source}, the text the parity report scores; "
+                "pass --calib-data for an independent report"
+            )
         return cls(GptqCalibration(model_dir, rows), cfg.gptq_damp, cfg.act_order, calibration)
 
     @staticmethod
@@ -282,8 +307,10 @@ class GptqDriver:
         name = f"{module}.weight"
         if name not in self._factors:
             if name not in self._hessians:
-                raise ModelError(f"GPTQ: no calibration inputs for {module} (layer "
-                                 f"{self.current}'s nn.Linear modules: {sorted(self._hessians)})")
+                raise ModelError(
+                    f"GPTQ: no calibration inputs for {module} (layer "
+                    f"{self.current}'s nn.Linear modules: {sorted(self._hessians)})"
+                )
             h = self._hessians.pop(name)
             sharers = [n for n, v in self._hessians.items() if v is h]
             for n in sharers:
@@ -312,6 +339,7 @@ class GptqDriver:
         return np.ascontiguousarray(w.T)  # (K, N) -> HF (out, in); a view for q4_dequantize's
 
     def _advance(self) -> None:
+        assert self.current is not None  # enter() advances only out of a layer it entered
         self.calib.advance(self.current, self._weight)
         self._done.clear()
         self._hessians.clear()
@@ -327,20 +355,22 @@ class GptqDriver:
 
 # -- the per-weight algorithm ---------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class GptqFactor:
     """A Hessian made ready for GPTQ: dead inputs, column order, and the upper Cholesky
     factor of the damped inverse, (K, K) fp32 in the permuted order."""
 
-    hinv: object  # torch (K, K)
-    perm: object  # torch (K,) int64: the column order (identity without act-order)
-    dead: object  # torch (K,) bool: inputs that never fired (their weight columns are zeroed)
+    hinv: torch.Tensor  # (K, K)
+    perm: torch.Tensor  # (K,) int64: the column order (identity without act-order)
+    dead: torch.Tensor  # (K,) bool: inputs that never fired (their weight columns are zeroed)
     damp: float
     act_order: bool
 
 
-def gptq_factor(hessian, damp: float = 0.01, act_order: bool = False,
-                overwrite: bool = False) -> GptqFactor:
+def gptq_factor(
+    hessian, damp: float = 0.01, act_order: bool = False, overwrite: bool = False
+) -> GptqFactor:
     """Factor the (K, K) ``X^T X`` of a projection's inputs for ``gptq_quantize``. Works on
     a fp32 copy, or with ``overwrite`` in ``hessian``'s own memory (a writable fp32 array;
     the caller must not use it afterwards). Peak on top of ``hessian``: one K^2 fp32 with
@@ -350,9 +380,14 @@ def gptq_factor(hessian, damp: float = 0.01, act_order: bool = False,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # MKL's threaded cholesky_inverse runs 10-20x slower on 2 cores
     try:
-        H = torch.from_numpy(hessian if overwrite and isinstance(hessian, np.ndarray)
-                             and hessian.dtype == np.float32 and hessian.flags.writeable
-                             else np.array(hessian, dtype=np.float32))
+        H = torch.from_numpy(
+            hessian
+            if overwrite
+            and isinstance(hessian, np.ndarray)
+            and hessian.dtype == np.float32
+            and hessian.flags.writeable
+            else np.array(hessian, dtype=np.float32)
+        )
         k = H.shape[0]
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
@@ -371,8 +406,14 @@ def gptq_factor(hessian, damp: float = 0.01, act_order: bool = False,
     return GptqFactor(hinv, perm, dead, damp, act_order)
 
 
-def gptq_quantize(w: np.ndarray, hessian: np.ndarray | GptqFactor, block: int, symmetric: bool,
-                  damp: float = 0.01, act_order: bool = False) -> Q4Weight:
+def gptq_quantize(
+    w: np.ndarray,
+    hessian: np.ndarray | GptqFactor,
+    block: int,
+    symmetric: bool,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> Q4Weight:
     """GPTQ 4-bit blocks of a (K, N) = (in, out) MatMul weight — the *transpose* of HF's
     (out, in) — given its inputs' ``X^T X`` (K, K), or that Hessian already factored by
     ``gptq_factor`` (with the same ``damp`` and ``act_order``)."""
@@ -381,8 +422,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | GptqFactor, block: int, s
     if not isinstance(hessian, GptqFactor):
         hessian = gptq_factor(hessian, damp, act_order)
     elif (hessian.damp, hessian.act_order) != (damp, act_order):
-        raise ValueError(f"GPTQ factor made with damp {hessian.damp}, act_order "
-                         f"{hessian.act_order}; asked for {damp}, {act_order}")
+        raise ValueError(
+            f"GPTQ factor made with damp {hessian.damp}, act_order "
+            f"{hessian.act_order}; asked for {damp}, {act_order}"
+        )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of tiny column updates: threads only add sync cost
     try:
@@ -413,7 +456,7 @@ def _gptq(torch, w, f: GptqFactor, block, symmetric, act_order) -> Q4Weight:
             col = int(perm[i1 + i])
             g = col // block
             if not act_order and col % block == 0:  # the block starts: its RTN params, now
-                s, z = rtn_params(W1[:, i:i + block].T.numpy(), block, symmetric)
+                s, z = rtn_params(W1[:, i : i + block].T.numpy(), block, symmetric)
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             s = torch.from_numpy(scales[:, g])
             z = torch.from_numpy(zeros[:, g])

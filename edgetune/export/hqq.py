@@ -33,8 +33,15 @@ def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.sign(x) * np.maximum(np.abs(x) - (1.0 / beta) * np.power(np.abs(x) + 1e-8, p - 1), 0)
 
 
-def hqq_quantize(w: np.ndarray, block: int, symmetric: bool, iters: int = 20, p: float = 0.7,
-                 beta: float = 10.0, kappa: float = 1.01) -> Q4Weight:
+def hqq_quantize(
+    w: np.ndarray,
+    block: int,
+    symmetric: bool,
+    iters: int = 20,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+) -> Q4Weight:
     """HQQ 4-bit blocks of a (K, N) MatMul weight, in MatMulNBits layout."""
     k, n = w.shape
     x = np.ascontiguousarray(w.T, dtype=np.float64).reshape(n, k // block, block)  # (N, nb, block)
@@ -59,8 +66,11 @@ def hqq_quantize(w: np.ndarray, block: int, symmetric: bool, iters: int = 20, p:
         beta *= kappa
         q, err = codes_and_error(s, z)
         better = err < best_err
-        best_s, best_z, best_err = (np.where(better, s, best_s), np.where(better, z, best_z),
-                                    np.minimum(err, best_err))
+        best_s, best_z, best_err = (
+            np.where(better, s, best_s),
+            np.where(better, z, best_z),
+            np.minimum(err, best_err),
+        )
     scales = best_s.astype(np.float32)
     codes = codes_for(x, scales.astype(np.float64), best_z)
     return q4_weight(codes, scales, None if symmetric else best_z, block)

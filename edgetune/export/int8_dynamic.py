@@ -19,8 +19,10 @@ import onnx
 from .quantize import is_lm_head, weight_matmuls, weight_name
 
 #: What the manifest records as the int8 scheme (``quantization.int8``).
-INT8_KIND = ("ort-dynamic: per-channel int8 weights, DynamicQuantizeLinear + MatMulInteger; "
-             "LM head per --lm-head (8-bit weight-only blocks by default)")
+INT8_KIND = (
+    "ort-dynamic: per-channel int8 weights, DynamicQuantizeLinear + MatMulInteger; "
+    "LM head per --lm-head (8-bit weight-only blocks by default)"
+)
 
 
 def rename_weights(model: onnx.ModelProto) -> None:
@@ -57,10 +59,17 @@ def quantize_int8_dynamic(model: onnx.ModelProto, work: Path) -> onnx.ModelProto
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" is not for users
     try:
-        quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=True,
-                         reduce_range=True, weight_type=QuantType.QInt8,
-                         use_external_data_format=True,
-                         nodes_to_exclude=heads, extra_options={"MatMulConstBOnly": True})
+        quantize_dynamic(
+            model,
+            out,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=True,
+            nodes_to_exclude=heads,
+            extra_options={"MatMulConstBOnly": True},
+        )
     finally:
         logging.getLogger().setLevel(level)
     return onnx.load(str(out))

@@ -43,12 +43,12 @@ overridden one in one pass over the layers; ``logits`` and ``greedy`` run one mo
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -56,6 +56,8 @@ from tqdm.auto import tqdm
 from ..errors import DataError, ModelError
 from ..models import read_config
 from ..tensors import SafetensorsSource
+from .lm_head import CheckpointRows, Head, override_rows, token_groups
+from .scores import Scores
 
 WeightFn = Callable[[str], "np.ndarray | None"]
 """HF parameter name -> replacement fp32 array in HF layout ((out, in) for a projection), or
@@ -64,9 +66,18 @@ None to keep the checkpoint's tensor."""
 PACK_TOKENS = 512  # sequences packed into rows of up to this many tokens (eager attention
 # holds heads x T^2 fp32 scores per row: 32 MB at 32 heads)
 READ_ELEMENTS = 1 << 22  # a bf16/fp16 checkpoint tensor is widened this many values at a time
-SCORE_ROWS = 64  # positions per chunk when scoring logits (fp64 log-softmax of (rows, V))
-HEAD_ROWS = 4096  # LM-head rows (vocabulary entries) widened to fp32 at a time (50 MB at 3072)
-GROUP_TOKENS = 512  # positions whose logits are computed together ((N, V) fp32: 66 MB at 32064)
+
+
+@overload
+def as_weight_fn(weights: WeightFn | Mapping[str, np.ndarray]) -> WeightFn: ...
+
+
+@overload
+def as_weight_fn(weights: None) -> None: ...
+
+
+@overload
+def as_weight_fn(weights: WeightFn | Mapping[str, np.ndarray] | None) -> WeightFn | None: ...
 
 
 def as_weight_fn(weights: WeightFn | Mapping[str, np.ndarray] | None) -> WeightFn | None:
@@ -114,12 +125,13 @@ class States:
     def sequence(self, j: int):
         """Sequence ``j``'s (1, T, H) states (a view into its row)."""
         r, off, n = self._where()[j]
-        return self.rows[r][:, off:off + n]
+        return self.rows[r][:, off : off + n]
 
     def _where(self) -> dict[int, tuple[int, int, int]]:
         if "where" not in self._rope:  # index -> (row, offset, length), made once
-            self._rope["where"] = {j: (r, off, n) for r, seqs in enumerate(self.layout)
-                                   for j, off, n in seqs}
+            self._rope["where"] = {
+                j: (r, off, n) for r, seqs in enumerate(self.layout) for j, off, n in seqs
+            }
         return self._rope["where"]
 
     def sequences(self) -> Iterator:
@@ -147,7 +159,8 @@ class Layerwise:
         cfg = AutoConfig.from_pretrained(str(self.dir), trust_remote_code=False)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(
-                cfg, attn_implementation="eager", trust_remote_code=False, dtype=torch.float32)
+                cfg, attn_implementation="eager", trust_remote_code=False, dtype=torch.float32
+            )
         self.model.eval()
         self.config = self.model.config
         self.n_layers = int(self.config.num_hidden_layers)
@@ -155,25 +168,25 @@ class Layerwise:
         self.hidden = int(self.config.hidden_size)
         self.rotary = type(self.model.model.rotary_emb)(config=self.config, device="cpu")
         # every layer parameter's (name in the layer, shape), taken from the skeleton once
-        self._params = [[(n, tuple(p.shape)) for n, p in layer.named_parameters()]
-                        for layer in self.model.model.layers]
+        self._params = [
+            [(n, tuple(p.shape)) for n, p in layer.named_parameters()]
+            for layer in self.model.model.layers
+        ]
 
     # -- parts -----------------------------------------------------------------------------
 
     def layer_prefix(self, i: int) -> str:
         return f"model.layers.{i}."
 
-    def layer_names(self, i: int) -> list[str]:
-        """HF names of every parameter of decoder layer ``i``."""
-        return [self.layer_prefix(i) + n for n, _ in self._params[i]]
-
     def linear_names(self, i: int) -> list[str]:
         """HF weight names of the ``nn.Linear`` projections of layer ``i`` (module order)."""
         import torch
 
-        return [f"{self.layer_prefix(i)}{n}.weight"
-                for n, m in self.model.model.layers[i].named_modules()
-                if isinstance(m, torch.nn.Linear)]
+        return [
+            f"{self.layer_prefix(i)}{n}.weight"
+            for n, m in self.model.model.layers[i].named_modules()
+            if isinstance(m, torch.nn.Linear)
+        ]
 
     def _read(self, name: str) -> np.ndarray:
         """The checkpoint's tensor in fp32, widened a chunk of rows at a time (so a bf16
@@ -198,8 +211,10 @@ class Layerwise:
             arr, what = self._read(name), str(self.source.info(name).file)
         arr = np.asarray(arr)
         if arr.shape != tuple(shape):
-            raise ModelError(f"{what}: tensor {name!r} has shape {list(arr.shape)}, the model "
-                             f"needs {list(shape)} (HF layout: (out, in) for a projection)")
+            raise ModelError(
+                f"{what}: tensor {name!r} has shape {list(arr.shape)}, the model "
+                f"needs {list(shape)} (HF layout: (out, in) for a projection)"
+            )
         if arr.dtype != np.float32 or not arr.flags.c_contiguous or not arr.flags.writeable:
             arr = np.array(arr, np.float32, order="C")  # torch shares, so own a writable copy
         return torch.from_numpy(arr)
@@ -222,9 +237,12 @@ class Layerwise:
         for name, shape in self._params[i]:
             arr = weights(self.layer_prefix(i) + name)
             if arr is not None:
+
+                def given(_n: str, a: np.ndarray = arr) -> np.ndarray:
+                    return a
+
                 _set_param(layer, name, None)  # free the old tensor before making the new one
-                _set_param(layer, name, self._tensor(self.layer_prefix(i) + name, shape,
-                                                     lambda _n, a=arr: a))
+                _set_param(layer, name, self._tensor(self.layer_prefix(i) + name, shape, given))
 
     def free_layer(self, i: int) -> None:
         """Send layer ``i`` back to the meta device (its CPU tensors are freed)."""
@@ -318,8 +336,12 @@ class Layerwise:
     def run_row(self, i: int, states: States, r: int):
         """Row ``r`` of ``states`` through loaded layer ``i``: the output (1, T_r, H)."""
         rope, pos = self._position(states, r)
-        y = self.model.model.layers[i](states.rows[r], position_ids=pos, position_embeddings=rope,
-                                       attention_mask=self._mask(states, r, self.window(i)))
+        y = self.model.model.layers[i](
+            states.rows[r],
+            position_ids=pos,
+            position_embeddings=rope,
+            attention_mask=self._mask(states, r, self.window(i)),
+        )
         return y[0] if isinstance(y, tuple) else y
 
     def run_layer(self, i: int, states: States) -> States:
@@ -328,8 +350,9 @@ class Layerwise:
             states.rows[r] = self.run_row(i, states, r)
         return states
 
-    def embed(self, token_lists: Sequence[Sequence[int]],
-              weights: WeightFn | None = None) -> States:
+    def embed(
+        self, token_lists: Sequence[Sequence[int]], weights: WeightFn | None = None
+    ) -> States:
         """The input embeddings of the sequences, packed. Reads only the rows the tokens
         use, unless ``weights`` overrides ``model.embed_tokens.weight`` (then its table)."""
         import torch
@@ -345,7 +368,7 @@ class Layerwise:
         table = weights(name) if weights is not None else None
         if table is not None:
             rows_t = self._tensor(name, (self.vocab, self.hidden), lambda _n: table)
-            used = None
+            row_ids: np.ndarray | None = None  # rows_t is the whole table: a token's row is its id
         else:
             self.source.expect(name, (self.vocab, self.hidden))
             rows = np.empty((len(used), self.hidden), np.float32)
@@ -354,14 +377,17 @@ class Layerwise:
                 stop = start + 1
                 while stop < len(used) and used[stop] == used[stop - 1] + 1:
                     stop += 1
-                rows[start:stop] = self.source.array(name, (int(used[start]), int(used[stop - 1]) + 1))
+                rows[start:stop] = self.source.array(
+                    name, (int(used[start]), int(used[stop - 1]) + 1)
+                )
                 start = stop
             rows_t = torch.from_numpy(rows)
+            row_ids = used  # rows_t holds the rows of the sorted used ids
         layout = self.pack([len(t) for t in ids])
         packed = []
         for row in layout:
             tok = np.concatenate([ids[j] for j, _, _ in row])
-            packed.append(rows_t[tok if used is None else np.searchsorted(used, tok)][None])
+            packed.append(rows_t[tok if row_ids is None else np.searchsorted(row_ids, tok)][None])
         return States(packed, layout)
 
     def head(self, weights: WeightFn | None = None, like: Head | None = None) -> Head:
@@ -370,15 +396,16 @@ class Layerwise:
         ``like``: a head already holding the checkpoint's tensors, shared where ``weights``
         overrides nothing (so a second stream does not read the head again)."""
         norm_params = [(n, tuple(p.shape)) for n, p in self.model.model.norm.named_parameters()]
-        norm_over = weights is not None and any(weights(f"model.norm.{n}") is not None
-                                                for n, _ in norm_params)
+        norm_over = weights is not None and any(
+            weights(f"model.norm.{n}") is not None for n, _ in norm_params
+        )
         if like is not None and not norm_over:
             norm = like.norm
         else:
             norm = copy.deepcopy(self.model.model.norm)
             self._load_module(norm, "model.norm.", norm_params, weights)
         name, shape = "lm_head.weight", (self.vocab, self.hidden)
-        rows = _override_rows(weights, name, shape)
+        rows = override_rows(weights, name, shape)
         if rows is not None:
             return Head(norm, rows)
         if like is not None:
@@ -387,8 +414,12 @@ class Layerwise:
         self.source.expect(stored, shape)
         return Head(norm, CheckpointRows(self.source, stored))
 
-    def forward(self, token_lists: Sequence[Sequence[int]], weights: WeightFn | None = None,
-                desc: str = "layers") -> States:
+    def forward(
+        self,
+        token_lists: Sequence[Sequence[int]],
+        weights: WeightFn | None = None,
+        desc: str = "layers",
+    ) -> States:
         """Every sequence's final hidden states (before the norm), one layer at a time."""
         states = self.embed(token_lists, weights)
         for i in tqdm(range(self.n_layers), desc=desc, unit="layer", disable=None, leave=False):
@@ -399,8 +430,9 @@ class Layerwise:
                 self.free_layer(i)
         return states
 
-    def logits(self, token_lists: Sequence[Sequence[int]],
-               weights: WeightFn | None = None) -> Iterator[np.ndarray]:
+    def logits(
+        self, token_lists: Sequence[Sequence[int]], weights: WeightFn | None = None
+    ) -> Iterator[np.ndarray]:
         """(T, V) fp32 logits of each sequence in turn (one pass over the layers, then the
         head per sequence). Runs under inference mode with every core."""
         import torch
@@ -416,97 +448,8 @@ class Layerwise:
                 yield lg.numpy()
 
 
-def token_groups(lengths: Sequence[int], tokens: int = GROUP_TOKENS) -> list[list[int]]:
-    """Consecutive sequence indices in groups of up to ``tokens`` positions (a longer
-    sequence alone): the head's weight is read once per group, not once per sequence."""
-    groups: list[list[int]] = []
-    n = 0
-    for j, t in enumerate(lengths):
-        if groups and n + t <= tokens:
-            groups[-1].append(j)
-            n += t
-        else:
-            groups.append([j])
-            n = t
-    return groups
-
-
-class CheckpointRows:
-    """Rows of a checkpoint tensor, widened to fp32 on demand from the memory-mapped file."""
-
-    def __init__(self, source: SafetensorsSource, name: str):
-        self.source, self.name = source, name
-        self.shape = tuple(source.info(name).shape)
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        return self.source.array(self.name, (start, stop))
-
-
-class ArrayRows:
-    """Rows of an fp32 array held in memory (a weight override given as a whole array)."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = np.asarray(array, np.float32)
-        self.shape = self.array.shape
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        return self.array[start:stop]
-
-
-def _override_rows(weights: WeightFn | None, name: str, shape: tuple[int, int]):
-    """The override of ``name`` as a row source: its packed form when the override has one
-    (``BundleWeights.rows``: the int8 head stays int8 in memory), else its whole array;
-    None when nothing overrides it."""
-    if weights is None:
-        return None
-    packed = getattr(weights, "rows", None)
-    src = packed(name) if callable(packed) else None
-    if src is None:
-        w = weights(name)
-        if w is None:
-            return None
-        src = ArrayRows(w)
-    if tuple(src.shape) != tuple(shape):
-        raise ModelError(f"weight override: tensor {name!r} has shape {list(src.shape)}, the "
-                         f"model needs {list(shape)} (HF layout: (out, in))")
-    return src
-
-
-@dataclass
-class Head:
-    """Final norm + LM head of one stream. The head's (V, H) weight (HF layout) stays in
-    its stored form (bf16 in the checkpoint's memory map, int8 codes of the bundle) and is
-    widened ``HEAD_ROWS`` rows at a time: one fp32 chunk, never the 394 MB fp32 head."""
-
-    norm: object
-    weight: object  # .shape (V, H); .rows(start, stop) -> fp32 (stop - start, H)
-
-    def project(self, x):
-        """(N, V) fp32 logits of (N, H) normed hidden states."""
-        import torch
-
-        v = self.weight.shape[0]
-        out = torch.empty((x.shape[0], v), dtype=torch.float32)
-        for a in range(0, v, HEAD_ROWS):
-            b = min(v, a + HEAD_ROWS)
-            w = torch.from_numpy(np.ascontiguousarray(self.weight.rows(a, b), np.float32))
-            out[:, a:b] = torch.nn.functional.linear(x, w)
-        return out
-
-    def logits(self, h, last: bool = False):
-        """(T, V) torch logits of one sequence's (1, T, H) final hidden states (only the last
-        position's, (1, V), with ``last``)."""
-        return self.project(self.norm(h[:, -1:] if last else h)[0])
-
-    def logits_many(self, hs: Sequence) -> list:
-        """(T_j, V) logits of each (1, T_j, H) hidden states, the head read once for all."""
-        import torch
-
-        x = torch.cat([self.norm(h)[0] for h in hs])
-        return list(torch.split(self.project(x), [h.shape[1] for h in hs]))
-
-
 # -- the two uses: parity of a quantized model, and greedy decoding -----------------------
+
 
 @dataclass(frozen=True)
 class Parity:
@@ -519,40 +462,11 @@ class Parity:
     quant_logits: np.ndarray
 
 
-class _Scores:
-    """Sums behind ``quant_vs_fp32``'s numbers, fed one sequence's logits at a time."""
-
-    def __init__(self):
-        self.agree = self.total = 0
-        self.nll_f = self.nll_q = self.kl = 0.0
-
-    def add(self, lf: np.ndarray, lq: np.ndarray, ids: Sequence[int]) -> None:
-        """``lf``, ``lq``: (T-1, V) logits of the positions that predict ``ids[1:]``."""
-        from .report import _log_softmax
-
-        tgt = np.asarray(ids[1:], np.int64)
-        for a in range(0, len(tgt), SCORE_ROWS):  # fp64 (rows, V), not (T, V)
-            b = min(a + SCORE_ROWS, len(tgt))
-            f, q, t = lf[a:b], lq[a:b], tgt[a:b]
-            self.agree += int((f.argmax(-1) == q.argmax(-1)).sum())
-            pf, pq = _log_softmax(f), _log_softmax(q)
-            rows = np.arange(b - a)
-            self.nll_f -= float(pf[rows, t].sum())
-            self.nll_q -= float(pq[rows, t].sum())
-            self.kl += float((np.exp(pf) * (pf - pq)).sum())
-        self.total += len(tgt)
-
-    def result(self) -> dict:
-        if not self.total:
-            raise DataError("parity needs at least one sequence of two or more tokens")
-        ppl_f, ppl_q = math.exp(self.nll_f / self.total), math.exp(self.nll_q / self.total)
-        return {"top1_agreement": self.agree / self.total, "ppl_fp32": ppl_f, "ppl_quant": ppl_q,
-                "ppl_change": ppl_q / ppl_f - 1.0, "kl_mean": self.kl / self.total,
-                "tokens": self.total}
-
-
-def parity(model_dir: str | os.PathLike, token_lists: Sequence[Sequence[int]],
-           quant_weights: WeightFn | Mapping[str, np.ndarray]) -> Parity:
+def parity(
+    model_dir: str | os.PathLike,
+    token_lists: Sequence[Sequence[int]],
+    quant_weights: WeightFn | Mapping[str, np.ndarray],
+) -> Parity:
     """The quantized model (checkpoint + ``quant_weights`` overrides, HF layout (out, in))
     against the fp32 checkpoint on ``token_lists``: top-1 next-token agreement, perplexity of
     each, ppl change, mean KL(fp32 || quant) per token (``report.quant_vs_fp32``'s keys and
@@ -575,7 +489,7 @@ def parity(model_dir: str | os.PathLike, token_lists: Sequence[Sequence[int]],
                 lw.free_layer(i)
         head_f = lw.head()
         head_q = lw.head(quant, like=head_f)
-        scores, first = _Scores(), None
+        scores, first = Scores(), None
         for group in token_groups([len(t) for t in token_lists]):
             lfs = head_f.logits_many([ref.sequence(j) for j in group])
             lqs = head_q.logits_many([qst.sequence(j) for j in group])
@@ -584,18 +498,26 @@ def parity(model_dir: str | os.PathLike, token_lists: Sequence[Sequence[int]],
                 scores.add(lf[:-1], lq[:-1], token_lists[j])
                 if j == 0:
                     first = (lf.copy(), lq.copy())
+    assert first is not None  # embed raised DataError unless there is a sequence 0
     return Parity(scores.result(), *first)
 
 
-def logits(model_dir: str | os.PathLike, token_lists: Sequence[Sequence[int]],
-           weights: WeightFn | Mapping[str, np.ndarray] | None = None) -> Iterator[np.ndarray]:
+def logits(
+    model_dir: str | os.PathLike,
+    token_lists: Sequence[Sequence[int]],
+    weights: WeightFn | Mapping[str, np.ndarray] | None = None,
+) -> Iterator[np.ndarray]:
     """(T, V) fp32 logits of each sequence in turn, of the checkpoint or, with ``weights``,
     of the overridden model: one pass over the layers, then the head per sequence."""
     return Layerwise(model_dir).logits(token_lists, as_weight_fn(weights))
 
 
-def greedy(model_dir: str | os.PathLike, prompt_ids: Sequence[int], steps: int,
-           quant_weights: WeightFn | Mapping[str, np.ndarray] | None = None) -> list[int]:
+def greedy(
+    model_dir: str | os.PathLike,
+    prompt_ids: Sequence[int],
+    steps: int,
+    quant_weights: WeightFn | Mapping[str, np.ndarray] | None = None,
+) -> list[int]:
     """``steps`` greedy tokens (plain argmax, nothing suppressed) after ``prompt_ids``, of the
     checkpoint or, with ``quant_weights``, of the overridden model.
 
@@ -612,4 +534,4 @@ def greedy(model_dir: str | os.PathLike, prompt_ids: Sequence[int], steps: int,
         for _ in range(steps):
             states = lw.forward([seq], weights, desc="greedy")
             seq.append(int(lw.head(weights).logits(states.sequence(0), last=True)[0].argmax()))
-    return seq[len(prompt_ids):]
+    return seq[len(prompt_ids) :]

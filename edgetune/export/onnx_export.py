@@ -17,9 +17,16 @@ def optimum_export(model_dir: Path, out_dir: Path, opset: int) -> Path:
         warnings.simplefilter("ignore")
         logging.getLogger("optimum").setLevel(logging.ERROR)
         try:
-            main_export(str(model_dir), output=str(out_dir), task="text-generation-with-past",
-                        opset=opset, device="cpu", do_validation=False, trust_remote_code=False,
-                        no_post_process=False)
+            main_export(
+                str(model_dir),
+                output=str(out_dir),
+                task="text-generation-with-past",
+                opset=opset,
+                device="cpu",
+                do_validation=False,
+                trust_remote_code=False,
+                no_post_process=False,
+            )
         except (ValueError, KeyError, OSError) as e:
             raise ModelError(f"{model_dir}: Optimum could not export this model ({e})") from None
     path = out_dir / "model.onnx"

@@ -49,10 +49,12 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
-def q4_blocks(w: np.ndarray, name: str, cfg: ExportConfig,
-              hessian: np.ndarray | None = None) -> kernels.Q4Weight:
+def q4_blocks(
+    w: np.ndarray, name: str, cfg: ExportConfig, hessian: np.ndarray | None = None
+) -> kernels.Q4Weight:
     """4-bit blocks of one (K, N) weight (or a chunk of its N columns) by ``cfg.algo``;
     GPTQ needs the (K, K) ``hessian`` of the projection's inputs."""
+    assert cfg.symmetric is not None  # ExportConfig.__post_init__ resolves None to a bool
     if cfg.algo == "hqq":
         from .hqq import hqq_quantize
 
@@ -62,21 +64,25 @@ def q4_blocks(w: np.ndarray, name: str, cfg: ExportConfig,
 
         if hessian is None:
             raise ModelError(f"GPTQ: no calibration inputs for {name}")
-        return gptq_quantize(w, hessian, cfg.block_size, cfg.symmetric,
-                             damp=cfg.gptq_damp, act_order=cfg.act_order)
+        return gptq_quantize(
+            w, hessian, cfg.block_size, cfg.symmetric, damp=cfg.gptq_damp, act_order=cfg.act_order
+        )
     return kernels.q4_quantize(w, cfg.block_size, cfg.symmetric)
 
 
 def _q4(w: np.ndarray, prefix: str, cfg: ExportConfig, hessians: dict | None) -> kernels.Q4Weight:
     module = prefix.removesuffix(".weight")
     if cfg.algo == "gptq" and (hessians is None or module not in hessians):
-        raise ModelError(f"GPTQ: no calibration inputs for {module} (the ONNX MatMul names "
-                         "must match the PyTorch module names)")
+        raise ModelError(
+            f"GPTQ: no calibration inputs for {module} (the ONNX MatMul names "
+            "must match the PyTorch module names)"
+        )
     return q4_blocks(w, prefix, cfg, hessians.get(module) if hessians else None)
 
 
-def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig,
-                     hessians: dict[str, np.ndarray] | None = None) -> QuantSummary:
+def quantize_weights(
+    model: onnx.ModelProto, cfg: ExportConfig, hessians: dict[str, np.ndarray] | None = None
+) -> QuantSummary:
     """Rewrite MatMuls over weight initializers in place, per ``cfg`` (``hessians``: GPTQ's
     ``X^T X`` per module path, from ``gptq.collect_hessians``)."""
     graph = model.graph
@@ -90,8 +96,13 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig,
     kept: list[str] = []
     new_nodes = []
     drop: set[str] = set()
-    bar = tqdm(total=len(weight_matmuls(model)), desc=f"quantize {cfg.algo}", unit="matmul",
-               disable=None, leave=False)
+    bar = tqdm(
+        total=len(weight_matmuls(model)),
+        desc=f"quantize {cfg.algo}",
+        unit="matmul",
+        disable=None,
+        leave=False,
+    )
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits:
             new_nodes.append(node)
@@ -115,19 +126,33 @@ def quantize_weights(model: onnx.ModelProto, cfg: ExportConfig,
         extra = []
         if bits == 4:
             q = _q4(w, prefix, cfg, hessians)
-            extra = [numpy_helper.from_array(q.packed, f"{prefix}_Q4"),
-                     numpy_helper.from_array(q.scales.reshape(-1), f"{prefix}_scales")]
+            extra = [
+                numpy_helper.from_array(q.packed, f"{prefix}_Q4"),
+                numpy_helper.from_array(q.scales.reshape(-1), f"{prefix}_scales"),
+            ]
             if q.zero_points is not None:
                 extra.append(numpy_helper.from_array(q.zero_points.reshape(-1), f"{prefix}_zp"))
         else:
             codes, scales = kernels.q8_weight_quantize(w, cfg.block_size)
-            extra = [numpy_helper.from_array(codes, f"{prefix}_Q8"),
-                     numpy_helper.from_array(scales.reshape(-1), f"{prefix}_scales")]
+            extra = [
+                numpy_helper.from_array(codes, f"{prefix}_Q8"),
+                numpy_helper.from_array(scales.reshape(-1), f"{prefix}_scales"),
+            ]
         graph.initializer.extend(extra)
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0]] + [t.name for t in extra], list(node.output),
-            name=f"{node.name}_Q{bits}", domain=MS_DOMAIN, K=k, N=n, bits=bits,
-            block_size=cfg.block_size, accuracy_level=cfg.accuracy_level))
+        new_nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0]] + [t.name for t in extra],
+                list(node.output),
+                name=f"{node.name}_Q{bits}",
+                domain=MS_DOMAIN,
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=cfg.block_size,
+                accuracy_level=cfg.accuracy_level,
+            )
+        )
         counts[str(bits)] = counts.get(str(bits), 0) + 1
         if uses.get(node.input[1], 0) <= 1:
             drop.add(node.input[1])

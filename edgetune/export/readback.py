@@ -49,7 +49,9 @@ class BundleWeights:
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
         with open(self.path.parent / info["location"], "rb") as f:
             f.seek(int(info.get("offset", 0)))
-            return np.fromfile(f, dtype, int(info["length"]) // dtype.itemsize).reshape(tuple(t.dims))
+            return np.fromfile(f, dtype, int(info["length"]) // dtype.itemsize).reshape(
+                tuple(t.dims)
+            )
 
     def __call__(self, hf_name: str) -> np.ndarray | None:
         return self.get(hf_name)
@@ -70,8 +72,13 @@ class BundleWeights:
             data, scales = self._array(node.input[1]), self._array(node.input[2])
             zp = self._array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
             n, nb = a["N"], a["K"] // block
-        return QuantRows(data.reshape(n, nb, -1), np.ascontiguousarray(scales.reshape(n, nb)),
-                         None if zp is None else zp.reshape(n, -1), bits, block)
+        return QuantRows(
+            data.reshape(n, nb, -1),
+            np.ascontiguousarray(scales.reshape(n, nb)),
+            None if zp is None else zp.reshape(n, -1),
+            bits,
+            block,
+        )
 
     def get(self, hf_name: str) -> np.ndarray | None:
         """The whole dequantized fp32 (out, in) weight of ``hf_name`` (or None)."""
@@ -86,9 +93,21 @@ class QuantRows:
 
     ROWS = 1024
 
-    def __init__(self, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
-                 bits: int, block: int):
-        self.codes, self.scales, self.zp, self.bits, self.block = codes, scales, zero_points, bits, block
+    def __init__(
+        self,
+        codes: np.ndarray,
+        scales: np.ndarray,
+        zero_points: np.ndarray | None,
+        bits: int,
+        block: int,
+    ):
+        self.codes, self.scales, self.zp, self.bits, self.block = (
+            codes,
+            scales,
+            zero_points,
+            bits,
+            block,
+        )
         n, nb = scales.shape
         self.shape = (n, nb * block)
 
@@ -96,8 +115,14 @@ class QuantRows:
         if self.bits == 8:
             return q8_weight_dequantize(self.codes[a:b], self.scales[a:b]).T
         zp = None if self.zp is None else np.ascontiguousarray(self.zp[a:b])
-        q = kernels.Q4Weight(np.ascontiguousarray(self.codes[a:b]), self.scales[a:b], zp,
-                             self.shape[1], b - a, self.block)
+        q = kernels.Q4Weight(
+            np.ascontiguousarray(self.codes[a:b]),
+            self.scales[a:b],
+            zp,
+            self.shape[1],
+            b - a,
+            self.block,
+        )
         return kernels.q4_dequantize(q).T
 
     def rows(self, start: int, stop: int) -> np.ndarray:
@@ -105,5 +130,5 @@ class QuantRows:
         out = np.empty((stop - start, self.shape[1]), np.float32)
         for a in range(start, stop, self.ROWS):
             b = min(stop, a + self.ROWS)
-            out[a - start:b - start] = self._chunk(a, b)
+            out[a - start : b - start] = self._chunk(a, b)
         return out

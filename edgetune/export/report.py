@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..data import load_examples, smart_home
 from ..errors import ConfigError
 from ..runtime.ort_backend import OrtDecoder
 from .config import ExportConfig
+from .scores import Scores
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
@@ -37,8 +37,9 @@ def render(tokenizer, ex) -> str:
     return ex.text
 
 
-def task_texts(tokenizer, path: str | None, limit: int, heldout: bool, seed: int,
-               what: str) -> list[str]:
+def task_texts(
+    tokenizer, path: str | None, limit: int, heldout: bool, seed: int, what: str
+) -> list[str]:
     """Up to ``limit`` texts: from a JSONL file (rendered as the model sees them) or a .txt
     file (paragraphs), else chats of the bundled task's held-out or training combinations."""
     if path and not Path(path).is_file():
@@ -50,19 +51,15 @@ def task_texts(tokenizer, path: str | None, limit: int, heldout: bool, seed: int
     rng = random.Random(seed)
     train, held = smart_home.split_combinations(seed=0)
     combos = held if heldout else train
-    return [render_chat(tokenizer, smart_home.make_example(rng, *rng.choice(combos))["messages"])
-            for _ in range(limit)]
+    return [
+        render_chat(tokenizer, smart_home.make_example(rng, *rng.choice(combos))["messages"])
+        for _ in range(limit)
+    ]
 
 
 def eval_texts(tokenizer, eval_data: str | None, limit: int = 64) -> list[str]:
     """Held-out texts: the given JSONL/.txt file, else the bundled task's held-out split."""
     return task_texts(tokenizer, eval_data, limit, heldout=True, seed=1, what="eval data")
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def logits_over(decoder: OrtDecoder, ids: list[int]) -> np.ndarray:
@@ -87,8 +84,9 @@ def fp32_weight_bytes(model_dir: Path) -> int:
     return 4 * sum(t.numel for t in SafetensorsSource(model_dir).tensors.values())
 
 
-def parity_report(model_dir: Path, decoder: Path, token_lists: list[list[int]],
-                  cfg: ExportConfig) -> dict:
+def parity_report(
+    model_dir: Path, decoder: Path, token_lists: list[list[int]], cfg: ExportConfig
+) -> dict:
     """``onnx_vs_torch``: ONNX Runtime on the bundle against PyTorch running the same
     (dequantized) weights — is the graph right; ``quant_vs_fp32``: the quantized weights
     against the checkpoint's, both run by PyTorch layer by layer — what quantization cost.
@@ -110,12 +108,16 @@ def parity_report(model_dir: Path, decoder: Path, token_lists: list[list[int]],
     data = decoder.parent / (decoder.name + ".data")
     size = data.stat().st_size if data.is_file() else 0
     if size > cfg.report_ort_bytes:
-        out["onnx_vs_torch"] = {"skipped": f"bundle data {size / 1e9:.2f} GB > report_ort_bytes "
-                                           f"{cfg.report_ort_bytes / 1e9:.2f} GB"}
+        out["onnx_vs_torch"] = {
+            "skipped": f"bundle data {size / 1e9:.2f} GB > report_ort_bytes "
+            f"{cfg.report_ort_bytes / 1e9:.2f} GB"
+        }
         return out
     dec = OrtDecoder(str(decoder))
     if dynamic:
-        out["quant_vs_fp32"] = quant_vs_ort(layerwise.logits(model_dir, token_lists), dec, token_lists)
+        out["quant_vs_fp32"] = quant_vs_ort(
+            layerwise.logits(model_dir, token_lists), dec, token_lists
+        )
         return out
     prompt = token_lists[0][: max(4, len(token_lists[0]) // 2)]
     steps = cfg.report_tokens
@@ -127,13 +129,22 @@ def parity_report(model_dir: Path, decoder: Path, token_lists: list[list[int]],
     max_abs = max_rel = 0.0
     for lo, lr in zip(ort_logits, ref, strict=False):
         diff = float(np.abs(lo - lr).max())
-        max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / (float(np.abs(lr).max()) + 1e-12))
-    ref_tokens = ref[-1][len(prompt) - 1:].argmax(-1).tolist()
-    agree = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens, strict=False)) if a != b), steps)
-    out["onnx_vs_torch"] = {"max_abs_logit_diff": max_abs, "max_rel_logit_diff": max_rel,
-                            "greedy_steps": steps, "greedy_tokens_equal": agree == steps,
-                            "greedy_tokens_agree": agree,
-                            "weights": "dequantized from the bundle" if weights else "checkpoint"}
+        max_abs, max_rel = (
+            max(max_abs, diff),
+            max(max_rel, diff / (float(np.abs(lr).max()) + 1e-12)),
+        )
+    ref_tokens = ref[-1][len(prompt) - 1 :].argmax(-1).tolist()
+    agree = next(
+        (i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens, strict=False)) if a != b), steps
+    )
+    out["onnx_vs_torch"] = {
+        "max_abs_logit_diff": max_abs,
+        "max_rel_logit_diff": max_rel,
+        "greedy_steps": steps,
+        "greedy_tokens_equal": agree == steps,
+        "greedy_tokens_agree": agree,
+        "weights": "dequantized from the bundle" if weights else "checkpoint",
+    }
     return out
 
 
@@ -141,20 +152,10 @@ def quant_vs_ort(fp32_logits, quant: OrtDecoder, token_lists: list[list[int]]) -
     """Top-1 agreement, perplexity and KL(fp32 || quantized) of a decoder PyTorch cannot
     run (int8-dynamic), against the fp32 reference's logits (an iterator, one (T, V) a
     sequence, as ``layerwise.logits`` yields them)."""
-    agree = total = 0
-    nll_f = nll_q = kl = 0.0
+    scores = Scores()
     for ids, lf in zip(token_lists, fp32_logits, strict=True):
-        lq = logits_over(quant, ids)
-        agree += int((lf[:-1].argmax(-1) == lq[:-1].argmax(-1)).sum())
-        total += len(ids) - 1
-        tgt = np.array(ids[1:])
-        pf, pq = _log_softmax(lf[:-1]), _log_softmax(lq[:-1])
-        nll_f -= float(pf[np.arange(len(tgt)), tgt].sum())
-        nll_q -= float(pq[np.arange(len(tgt)), tgt].sum())
-        kl += float((np.exp(pf) * (pf - pq)).sum())
-    ppl_f, ppl_q = math.exp(nll_f / total), math.exp(nll_q / total)
-    return {"top1_agreement": agree / total, "ppl_fp32": ppl_f, "ppl_quant": ppl_q,
-            "ppl_change": ppl_q / ppl_f - 1.0, "kl_mean": kl / total, "tokens": total}
+        scores.add(lf[:-1], logits_over(quant, ids)[:-1], ids)
+    return scores.result()
 
 
 def format_report(report: dict) -> str:
@@ -163,17 +164,28 @@ def format_report(report: dict) -> str:
     if t and "skipped" in t:
         lines.append(f"  ONNX vs PyTorch        skipped: {t['skipped']}")
     elif t:
-        lines.append(f"  ONNX vs PyTorch        max|Δlogit| {t['max_abs_logit_diff']:.2e}  "
-                     f"rel {t['max_rel_logit_diff']:.2e}  greedy {t['greedy_steps']} tokens "
-                     f"{'equal' if t['greedy_tokens_equal'] else 'DIFFER'}")
+        lines.append(
+            f"  ONNX vs PyTorch        max|Δlogit| {t['max_abs_logit_diff']:.2e}  "
+            f"rel {t['max_rel_logit_diff']:.2e}  greedy {t['greedy_steps']} tokens "
+            f"{'equal' if t['greedy_tokens_equal'] else 'DIFFER'}"
+        )
     q = report.get("quant_vs_fp32")
     if q:
         spec = report["quantization"]
-        name = spec["quant"] + (f" {spec['algo']}" if "algo" in spec else "") + (
-            f" +{spec['embedding']} embedding" if spec.get("embedding", "fp32") != "fp32" else "")
-        lines.append(f"  {name} vs fp32 ONNX   top-1 agreement "
-                     f"{100 * q['top1_agreement']:.1f}%  ppl {q['ppl_fp32']:.3f} -> {q['ppl_quant']:.3f} "
-                     f"({100 * q['ppl_change']:+.2f}%)  KL {q['kl_mean']:.2e} over {q['tokens']} tokens")
+        name = (
+            spec["quant"]
+            + (f" {spec['algo']}" if "algo" in spec else "")
+            + (
+                f" +{spec['embedding']} embedding"
+                if spec.get("embedding", "fp32") != "fp32"
+                else ""
+            )
+        )
+        lines.append(
+            f"  {name} vs fp32 ONNX   top-1 agreement "
+            f"{100 * q['top1_agreement']:.1f}%  ppl {q['ppl_fp32']:.3f} -> {q['ppl_quant']:.3f} "
+            f"({100 * q['ppl_change']:+.2f}%)  KL {q['kl_mean']:.2e} over {q['tokens']} tokens"
+        )
     lines.append("  files")
     for name, size in report["file_bytes"].items():
         lines.append(f"    {name:<28} {size / 1e6:9.2f} MB")

@@ -75,14 +75,26 @@ class DecoderWriter:
         for n0 in range(0, n, step):
             w = self.src.array(name, rows=(n0, min(n, n0 + step))).T  # (K, rows)
             parts.append(q4_blocks(w, name, self.cfg, hessian))
-        zp = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
-        return kernels.Q4Weight(np.concatenate([p.packed for p in parts]),
-                                np.concatenate([p.scales for p in parts]), zp, k, n, self.cfg.block_size)
+        zp = (
+            None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+        )
+        return kernels.Q4Weight(
+            np.concatenate([p.packed for p in parts]),
+            np.concatenate([p.scales for p in parts]),
+            zp,
+            k,
+            n,
+            self.cfg.block_size,
+        )
 
     def _q8(self, name: str, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         step = _rows(n, k)
-        parts = [kernels.q8_weight_quantize(self.src.array(name, rows=(n0, min(n, n0 + step))).T,
-                                            self.cfg.block_size) for n0 in range(0, n, step)]
+        parts = [
+            kernels.q8_weight_quantize(
+                self.src.array(name, rows=(n0, min(n, n0 + step))).T, self.cfg.block_size
+            )
+            for n0 in range(0, n, step)
+        ]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _row_chunks(self, name: str, n: int, k: int):
@@ -98,7 +110,7 @@ class DecoderWriter:
         raw = self.src.raw(name)
         dtype = self.src.info(name).dtype
         for k0 in range(0, k, step):
-            yield widen(np.ascontiguousarray(raw[:, k0:min(k, k0 + step)]), dtype).T
+            yield widen(np.ascontiguousarray(raw[:, k0 : min(k, k0 + step)]), dtype).T
 
     def _add_chunked(self, name: str, shape: tuple[int, int], chunks) -> str:
         self._inits.append(self._writer.chunked(name, shape, np.float32, chunks))
@@ -114,8 +126,9 @@ class DecoderWriter:
             return None if cfg.lm_head == "fp32" else (8 if cfg.lm_head == "int8" else 4)
         return 8 if cfg.quant == "int8" else 4
 
-    def matmul(self, b: GraphBuilder, x: str, name: str, module: str, k: int, n: int,
-               head: bool = False) -> str:
+    def matmul(
+        self, b: GraphBuilder, x: str, name: str, module: str, k: int, n: int, head: bool = False
+    ) -> str:
         """x @ W for HF weight ``name`` (N, K): MatMulNBits over its blocks, or fp32 MatMul."""
         bits = self._bits(head)
         scope = "/" + module.replace(".", "/")
@@ -124,24 +137,43 @@ class DecoderWriter:
             self.result.kept.append(f"{module}: K={k} not divisible by block {self.cfg.block_size}")
             bits = None
         if bits is None:
-            if head and self.cfg.lm_head == "fp32" and self.cfg.quant not in ("none", "int8-dynamic"):
+            if (
+                head
+                and self.cfg.lm_head == "fp32"
+                and self.cfg.quant not in ("none", "int8-dynamic")
+            ):
                 self.result.kept.append(f"{module}: lm_head kept fp32 (--lm-head fp32)")
             w = self._add_chunked(prefix, (k, n), self._columns(name, k, n))
             return b.op("MatMul", [x, w], scope)
         if bits == 4:
             hessian = self.gptq.hessian(module) if self.gptq is not None and not head else None
             q = self._q4(name, k, n, hessian)
-            inputs = [b.add_init(f"{prefix}_Q4", q.packed), b.add_init(f"{prefix}_scales", q.scales.reshape(-1))]
+            inputs = [
+                b.add_init(f"{prefix}_Q4", q.packed),
+                b.add_init(f"{prefix}_scales", q.scales.reshape(-1)),
+            ]
             if q.zero_points is not None:
                 inputs.append(b.add_init(f"{prefix}_zp", q.zero_points.reshape(-1)))
             if self.gptq is not None and not head:
                 self.gptq.quantized(module, q)
         else:
             codes, scales = self._q8(name, k, n)
-            inputs = [b.add_init(f"{prefix}_Q8", codes), b.add_init(f"{prefix}_scales", scales.reshape(-1))]
+            inputs = [
+                b.add_init(f"{prefix}_Q8", codes),
+                b.add_init(f"{prefix}_scales", scales.reshape(-1)),
+            ]
         self.result.quantized[str(bits)] = self.result.quantized.get(str(bits), 0) + 1
-        return b.op("MatMulNBits", [x, *inputs], scope, domain=MS_DOMAIN, K=k, N=n, bits=bits,
-                    block_size=self.cfg.block_size, accuracy_level=self.cfg.accuracy_level)
+        return b.op(
+            "MatMulNBits",
+            [x, *inputs],
+            scope,
+            domain=MS_DOMAIN,
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=self.cfg.block_size,
+            accuracy_level=self.cfg.accuracy_level,
+        )
 
     def linear(self, b: GraphBuilder, p: Proj, x: str) -> str:
         if self.gptq is not None:
@@ -162,26 +194,46 @@ class DecoderWriter:
         scope = "/model/embed_tokens"
         if cfg.embedding == "fp32" or d.hidden % cfg.block_size:
             if cfg.embedding != "fp32":
-                self.result.embedding = (f"embedding {d.vocab}x{d.hidden} not divisible by block "
-                                         f"{cfg.block_size}; kept fp32")
-            table = self._add_chunked(name, (d.vocab, d.hidden), self._row_chunks(name, d.vocab, d.hidden))
+                self.result.embedding = (
+                    f"embedding {d.vocab}x{d.hidden} not divisible by block "
+                    f"{cfg.block_size}; kept fp32"
+                )
+            table = self._add_chunked(
+                name, (d.vocab, d.hidden), self._row_chunks(name, d.vocab, d.hidden)
+            )
             return b.op("Gather", [table, ids], scope, axis=0)
         if cfg.embedding == "int4":
             q = self._q4(name, d.hidden, d.vocab, None)
-            inputs = [b.add_init(f"{name}_Q4", q.packed.reshape(d.vocab, d.hidden // 2)), ids,
-                      b.add_init(f"{name}_scales", q.scales)]
+            inputs = [
+                b.add_init(f"{name}_Q4", q.packed.reshape(d.vocab, d.hidden // 2)),
+                ids,
+                b.add_init(f"{name}_scales", q.scales),
+            ]
             if q.zero_points is not None:
                 inputs.append(b.add_init(f"{name}_zp", q.zero_points))
             bits = 4
         else:
             codes, scales = self._q8(name, d.hidden, d.vocab)
-            inputs = [b.add_init(f"{name}_Q8", codes.reshape(d.vocab, d.hidden)), ids,
-                      b.add_init(f"{name}_scales", scales)]
+            inputs = [
+                b.add_init(f"{name}_Q8", codes.reshape(d.vocab, d.hidden)),
+                ids,
+                b.add_init(f"{name}_scales", scales),
+            ]
             bits = 8
-        self.result.embedding = (f"embedding {d.vocab}x{d.hidden} as {bits}-bit blocks of "
-                                 f"{cfg.block_size} (GatherBlockQuantized)")
-        return b.op("GatherBlockQuantized", inputs, scope, domain=MS_DOMAIN, gather_axis=0,
-                    quantize_axis=1, block_size=cfg.block_size, bits=bits)
+        self.result.embedding = (
+            f"embedding {d.vocab}x{d.hidden} as {bits}-bit blocks of "
+            f"{cfg.block_size} (GatherBlockQuantized)"
+        )
+        return b.op(
+            "GatherBlockQuantized",
+            inputs,
+            scope,
+            domain=MS_DOMAIN,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=cfg.block_size,
+            bits=bits,
+        )
 
     def lm_head(self, b: GraphBuilder, x: str) -> str:
         """The head; a tied model's head is the embedding table, quantized as its own
@@ -194,8 +246,13 @@ class DecoderWriter:
     def write(self, bundle: Path, decoder: str, data: str, opset: int) -> StreamResult:
         writer = ExternalDataWriter(bundle / data)
         inits: list[onnx.TensorProto] = []
-        bar = tqdm(total=len(expected_shapes(self.d)), desc="export", unit="tensor",
-                   disable=None if self.progress else True, leave=False)
+        bar = tqdm(
+            total=len(expected_shapes(self.d)),
+            desc="export",
+            unit="tensor",
+            disable=None if self.progress else True,
+            leave=False,
+        )
 
         def add_init(name: str, array: np.ndarray) -> str:
             inits.append(writer.tensor(name, array))
@@ -211,8 +268,11 @@ class DecoderWriter:
             bar.close()
             writer.close()
         graph.initializer.extend(inits)
-        model = helper.make_model(graph, producer_name="edgetune", opset_imports=[
-            helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)])
+        model = helper.make_model(
+            graph,
+            producer_name="edgetune",
+            opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
+        )
         model.ir_version = 8
         onnx.save_model(model, str(bundle / decoder))
         return self.result

@@ -51,21 +51,32 @@ class ExternalDataWriter:
                 self._f.write(b"\0" * pad)
             for chunk in chunks:
                 chunk = np.ascontiguousarray(chunk, dtype)
-                self._f.write(memoryview(chunk.reshape(-1).view(np.uint8)))
+                self._f.write(chunk.reshape(-1).view(np.uint8).data)
                 written += chunk.nbytes
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EFBIG):
-                raise EdgetuneError(f"{self.path}: disk full while writing {name} "
-                                    f"({nbytes / 1e6:.1f} MB; {e.strerror})") from None
+                raise EdgetuneError(
+                    f"{self.path}: disk full while writing {name} "
+                    f"({nbytes / 1e6:.1f} MB; {e.strerror})"
+                ) from None
             raise
         if written != nbytes:
-            raise EdgetuneError(f"{self.path}: tensor {name} got {written} bytes from its "
-                                f"chunks, its shape {list(shape)} needs {nbytes}")
+            raise EdgetuneError(
+                f"{self.path}: tensor {name} got {written} bytes from its "
+                f"chunks, its shape {list(shape)} needs {nbytes}"
+            )
         self.offset += pad
-        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype),
-                             dims=shape, data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)),
-                           ("length", str(nbytes))):
+        t = onnx.TensorProto(
+            name=name,
+            data_type=helper.np_dtype_to_tensor_dtype(dtype),
+            dims=shape,
+            data_location=onnx.TensorProto.EXTERNAL,
+        )
+        for key, value in (
+            ("location", self.path.name),
+            ("offset", str(self.offset)),
+            ("length", str(nbytes)),
+        ):
             t.external_data.add(key=key, value=value)
         self.offset += nbytes
         return t

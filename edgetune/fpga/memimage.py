@@ -18,9 +18,9 @@ import numpy as np
 def _words(data: np.ndarray, word_bytes: int) -> list[int]:
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
     pad = (-raw.size) % word_bytes
-    raw = np.concatenate([raw, np.zeros(pad, np.uint8)]).reshape(-1, word_bytes)
+    rows = np.concatenate([raw, np.zeros(pad, np.uint8)]).reshape(-1, word_bytes)
     # little-endian in memory: byte 0 of a word is its least significant byte
-    return [int.from_bytes(bytes(w), "little") for w in raw]
+    return [int.from_bytes(bytes(w), "little") for w in rows]
 
 
 def write_mem(path: Path, data: np.ndarray, word_bytes: int = 1, comment: str = "") -> Path:
@@ -56,16 +56,28 @@ def write_coe(path: Path, data: np.ndarray, word_bytes: int = 1, comment: str = 
     words = [f"{w:0{digits}x}" for w in _words(data, word_bytes)]
     head = [f"; {line}" for line in comment.splitlines()] if comment else []
     body = ",\n".join(words)
-    Path(path).write_text("\n".join(head + ["memory_initialization_radix=16;",
-                                            "memory_initialization_vector="]) + "\n" + body + ";\n")
+    Path(path).write_text(
+        "\n".join(head + ["memory_initialization_radix=16;", "memory_initialization_vector="])
+        + "\n"
+        + body
+        + ";\n"
+    )
     return Path(path)
 
 
 def read_coe(path: Path, word_bytes: int = 1) -> bytes:
-    text = "\n".join(line.split(";", 1)[0] if line.lstrip().startswith(";") else line
-                     for line in Path(path).read_text().splitlines())
-    radix = int(re.search(r"memory_initialization_radix\s*=\s*(\d+)\s*;", text).group(1))
-    vec = re.search(r"memory_initialization_vector\s*=\s*([^;]*);", text, re.S).group(1)
+    text = "\n".join(
+        line.split(";", 1)[0] if line.lstrip().startswith(";") else line
+        for line in Path(path).read_text().splitlines()
+    )
+    radix_m = re.search(r"memory_initialization_radix\s*=\s*(\d+)\s*;", text)
+    vec_m = re.search(r"memory_initialization_vector\s*=\s*([^;]*);", text, re.S)
+    if radix_m is None or vec_m is None:
+        missing = (
+            "memory_initialization_radix" if radix_m is None else "memory_initialization_vector"
+        )
+        raise ValueError(f"{path}: not a COE file (no {missing}=...;)")
+    radix, vec = int(radix_m.group(1)), vec_m.group(1)
     out = bytearray()
     for tok in re.split(r"[,\s]+", vec.strip()):
         if tok:

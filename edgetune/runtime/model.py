@@ -1,8 +1,8 @@
 """``Model``: load a bundle, then ``generate`` / ``stream`` / ``chat``. Torch-free.
 
-    from edgetune.runtime import Model
-    m = Model.load("bundle/")
-    print(m.chat([{"role": "user", "content": "dim the kitchen lights to 30%"}]))
+from edgetune.runtime import Model
+m = Model.load("bundle/")
+print(m.chat([{"role": "user", "content": "dim the kitchen lights to 30%"}]))
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -20,6 +20,15 @@ from .ort_backend import OrtDecoder
 from .sampling import SamplingConfig, select
 
 BACKENDS = ("auto", "native", "native-int", "ort")
+
+
+class Decoder(Protocol):
+    """What ``Model`` needs of a backend (``OrtDecoder``, ``native.NativeDecoder``): logits of
+    new tokens after a past it hands back; the past is the backend's own (opaque here)."""
+
+    def forward(
+        self, input_ids: np.ndarray, past: Any = None, last_only: bool = False
+    ) -> tuple[np.ndarray, Any]: ...
 
 
 class PromptError(EdgetuneError):
@@ -40,7 +49,7 @@ def _chat_renderer(template: str):
 class Model:
     """A loaded bundle with its tokenizer and one decoding backend."""
 
-    def __init__(self, path: Path, manifest: dict, decoder: OrtDecoder, backend: str):
+    def __init__(self, path: Path, manifest: dict, decoder: Decoder, backend: str):
         from tokenizers import Tokenizer
 
         self.path = path
@@ -55,8 +64,13 @@ class Model:
         self.last_stats: dict[str, float] = {}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str = "auto", threads: int | None = None,
-             verify_hashes: bool = True) -> "Model":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        backend: str = "auto",
+        threads: int | None = None,
+        verify_hashes: bool = True,
+    ) -> "Model":
         """Verify the bundle (structure and SHA-256 of every file) and open it."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -67,13 +81,15 @@ class Model:
         if backend in ("native", "native-int"):
             from .native import NativeDecoder
 
-            decoder = NativeDecoder(path, manifest, threads=threads, integer=backend == "native-int")
-            return cls(path, manifest, decoder, backend)
+            native = NativeDecoder(path, manifest, threads=threads, integer=backend == "native-int")
+            return cls(path, manifest, native, backend)
         try:
             decoder = OrtDecoder(str(path / manifest["decoder"]["filename"]), threads=threads)
         except Exception as e:  # onnxruntime raises its own exception types for bad models
-            raise BundleError(f"{path / manifest['decoder']['filename']}: ONNX Runtime could not "
-                              f"load the decoder ({e})") from None
+            raise BundleError(
+                f"{path / manifest['decoder']['filename']}: ONNX Runtime could not "
+                f"load the decoder ({e})"
+            ) from None
         return cls(path, manifest, decoder, "ort")
 
     # -- text <-> tokens ------------------------------------------------------------------
@@ -100,11 +116,13 @@ class Model:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self._template:
             raise BundleError(f"{self.path}: bundle has no chat template")
-        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                   for m in messages):
+        if not messages or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
             raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts")
-        return _chat_renderer(self._template).render(messages=messages,
-                                                     add_generation_prompt=add_generation_prompt)
+        return _chat_renderer(self._template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt
+        )
 
     # -- generation -----------------------------------------------------------------------
 
@@ -113,8 +131,9 @@ class Model:
         if not prompt_ids:
             raise PromptError("prompt is empty")
         if len(prompt_ids) >= self.context_length:
-            raise PromptError(f"prompt has {len(prompt_ids)} tokens; the model's context is "
-                              f"{self.context_length}")
+            raise PromptError(
+                f"prompt has {len(prompt_ids)} tokens; the model's context is {self.context_length}"
+            )
         rng = np.random.default_rng(cfg.seed)
         eos = set(self.eos_ids)
         budget = min(cfg.max_new_tokens, self.context_length - len(prompt_ids))
@@ -135,10 +154,14 @@ class Model:
                 logits, past = self.decoder.forward(np.array([[nxt]], np.int64), past)
         finally:
             t_end = time.perf_counter()
-            self.last_stats = {"prompt_tokens": len(prompt_ids), "new_tokens": n,
-                               "first_token_s": t_first - t0,
-                               "decode_tokens_per_s": (n - 1) / (t_end - t_first)
-                               if n > 1 and t_end > t_first else 0.0}
+            self.last_stats = {
+                "prompt_tokens": len(prompt_ids),
+                "new_tokens": n,
+                "first_token_s": t_first - t0,
+                "decode_tokens_per_s": (n - 1) / (t_end - t_first)
+                if n > 1 and t_end > t_first
+                else 0.0,
+            }
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         """Yield text pieces as they are generated (stops before any stop string)."""
@@ -153,17 +176,17 @@ class Model:
             cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
             if cut >= 0:
                 if cut > len(emitted):
-                    yield text[len(emitted):cut]
+                    yield text[len(emitted) : cut]
                 return
             # hold back a tail that could be the start of a stop string
             hold = max((len(s) - 1 for s in cfg.stop), default=0)
             safe = len(text) - hold if hold else len(text)
             if safe > len(emitted):
-                yield text[len(emitted):safe]
+                yield text[len(emitted) : safe]
                 emitted = text[:safe]
         text = self.decode(ids)
         if len(text) > len(emitted):
-            yield text[len(emitted):]
+            yield text[len(emitted) :]
 
     def generate(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))
@@ -180,7 +203,7 @@ class Model:
         dropped until the rendered chat plus ``reserve`` new tokens fits the context. Keeps at
         least the last message; raises PromptError when that alone does not fit."""
         system = messages[:1] if messages and messages[0].get("role") == "system" else []
-        rest = list(messages[len(system):])
+        rest = list(messages[len(system) :])
         dropped = 0
         while True:
             n = len(self.encode(self.render_chat(system + rest)))
@@ -189,7 +212,9 @@ class Model:
             cut = 2 if len(rest) > 2 and rest[1].get("role") == "assistant" else 1  # a turn
             rest, dropped = rest[cut:], dropped + cut
         if n >= self.context_length:
-            raise PromptError(f"message too long: {n} tokens with the chat template"
-                              f"{' and system message' if system else ''}; the model's context "
-                              f"is {self.context_length}")
+            raise PromptError(
+                f"message too long: {n} tokens with the chat template"
+                f"{' and system message' if system else ''}; the model's context "
+                f"is {self.context_length}"
+            )
         return system + rest, dropped

@@ -22,7 +22,7 @@ import numpy as np
 from .. import kernels
 from ..errors import BundleError
 from ..kernels import fixed_point as fx
-from .weights import Linear, OnnxWeights, unique_nbytes
+from .weights import Linear, OnnxWeights, held, unique_nbytes
 
 FAMILIES = ("llama", "phi3", "mistral", "qwen2")
 
@@ -82,7 +82,8 @@ class Rope:
             self.inv_long = inv / np.asarray(scaling["long_factor"], np.float64)
             factor = arch["max_position_embeddings"] / self.original
             self.attn_factor = scaling.get("attention_factor") or (
-                1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.original)))
+                1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.original))
+            )
 
     def tables(self, pos: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
         """(cos, sin), (T, dim) fp32 each, for positions ``pos``; ``total`` decides longrope's
@@ -90,8 +91,10 @@ class Rope:
         inv = self.inv_long if self.original and total > self.original else self.inv_short
         ang = pos[:, None].astype(np.float64) * inv[None, :]  # (T, dim/2)
         emb = np.concatenate([ang, ang], axis=-1)
-        return ((np.cos(emb) * self.attn_factor).astype(np.float32),
-                (np.sin(emb) * self.attn_factor).astype(np.float32))
+        return (
+            (np.cos(emb) * self.attn_factor).astype(np.float32),
+            (np.sin(emb) * self.attn_factor).astype(np.float32),
+        )
 
     def rotate(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """x (heads, T, head_dim) rotated by the ``tables`` of its positions (the prompt pass;
@@ -102,16 +105,20 @@ class Rope:
 class NativeDecoder:
     """The decoder of a bundle, run with edgetune.kernels."""
 
-    def __init__(self, bundle: Path, manifest: dict, threads: int | None = None,
-                 integer: bool = False):
+    def __init__(
+        self, bundle: Path, manifest: dict, threads: int | None = None, integer: bool = False
+    ):
         arch = manifest["architecture"]
         if arch["model_type"] not in FAMILIES:
-            raise BundleError(f"native backend supports {', '.join(FAMILIES)}, "
-                              f"not {arch['model_type']!r}")
+            raise BundleError(
+                f"native backend supports {', '.join(FAMILIES)}, not {arch['model_type']!r}"
+            )
         if manifest.get("quantization", {}).get("quant") == "int8-dynamic":
-            raise BundleError(f"{bundle}: an int8-dynamic bundle (ONNX Runtime dynamic quantization, "
-                              "MatMulInteger) runs on the ort backend only: load it with "
-                              "backend='ort' (edgetune run --backend ort)")
+            raise BundleError(
+                f"{bundle}: an int8-dynamic bundle (ONNX Runtime dynamic quantization, "
+                "MatMulInteger) runs on the ort backend only: load it with "
+                "backend='ort' (edgetune run --backend ort)"
+            )
         self.arch = arch
         self.threads = threads
         self.integer = integer  # Q4 projections through the FPGA's fixed-point datapath
@@ -128,22 +135,35 @@ class NativeDecoder:
         self.window = int(window) if window and arch["model_type"] in ("mistral",) else None
         self.rope = Rope(arch, self.head_dim)
         self.embed = self.w.embedding()  # fp32, or blocks dequantized per looked-up row
-        self.norms = [(self.w.module_vector(f"model.layers.{i}.input_layernorm", self.h),
-                       self.w.module_vector(f"model.layers.{i}.post_attention_layernorm", self.h))
-                      for i in range(self.n_layers)]
+        self.norms = [
+            (
+                self.w.module_vector(f"model.layers.{i}.input_layernorm", self.h),
+                self.w.module_vector(f"model.layers.{i}.post_attention_layernorm", self.h),
+            )
+            for i in range(self.n_layers)
+        ]
         self.final_norm = self.w.module_vector("model.norm", self.h)
         if "lm_head" not in self.lin:  # a tied head the graph does not spell out: the table
             if not arch.get("tie_word_embeddings"):
-                raise BundleError(f"{bundle}: no lm_head projection found, and the model does "
-                                  "not tie its LM head to the embedding (tie_word_embeddings)")
+                raise BundleError(
+                    f"{bundle}: no lm_head projection found, and the model does "
+                    "not tie its LM head to the embedding (tie_word_embeddings)"
+                )
             self.lin["lm_head"] = self.embed.as_head()
         self.weight_bytes = unique_nbytes([*self.lin.values(), self.embed])
-        self.fixed = {name: fx.fixed_scales(lin.q4) for name, lin in self.lin.items()
-                      if integer and lin.kind == "q4"}
+        self.fixed = {
+            name: fx.fixed_scales(lin.q4)
+            for name, lin in self.lin.items()
+            if integer and lin.kind == "q4"
+        }
         # each projection's GEMM bound once: weight checks and dispatch out of the token loop
-        self.gemm = {name: kernels.prepare_q4q8_gemm(lin.q4, threads) if lin.kind == "q4" else
-                     kernels.prepare_q8w_gemm(lin.q8_codes, lin.q8_scales, threads)
-                     for name, lin in self.lin.items() if lin.kind in ("q4", "q8")}
+        self.gemm = {
+            name: kernels.prepare_q4_q8_gemm(lin.q4, threads)
+            if lin.kind == "q4"
+            else kernels.prepare_q8_f32_gemm(lin.q8_codes, lin.q8_scales, threads)
+            for name, lin in self.lin.items()
+            if lin.kind in ("q4", "q8")
+        }
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -152,11 +172,15 @@ class NativeDecoder:
         lin: Linear = self.lin[name]
         if lin.kind == "q4" and self.integer:
             ws_fx, ws_frac = self.fixed[name]
-            y = np.stack([fx.q4q8_gemv_fixed_fast(lin.q4, ws_fx, ws_frac,
-                                                  fx.fixed_activation(row, lin.q4.block))
-                          for row in x]).astype(np.float32) / np.float32(2.0**fx.OUT_FRAC)
+            q4 = held(lin.q4)
+            y = np.stack(
+                [
+                    fx.q4q8_gemv_fixed_fast(q4, ws_fx, ws_frac, fx.fixed_activation(row, q4.block))
+                    for row in x
+                ]
+            ).astype(np.float32) / np.float32(2.0**fx.OUT_FRAC)
         elif lin.kind == "q8" and lin.int8_activations:
-            y = self.gemm[name](q8_round_trip(x, lin.q8_codes.shape[2]))
+            y = self.gemm[name](q8_round_trip(x, held(lin.q8_codes).shape[2]))
         elif lin.kind in ("q4", "q8"):
             y = self.gemm[name](x)
         else:
@@ -170,29 +194,43 @@ class NativeDecoder:
             q_end = self.n_heads * self.head_dim
             kv_end = q_end + self.n_kv * self.head_dim
             return qkv[:, :q_end], qkv[:, q_end:kv_end], qkv[:, kv_end:]
-        return (self.linear(x, f"{p}.q_proj"), self.linear(x, f"{p}.k_proj"),
-                self.linear(x, f"{p}.v_proj"))
+        return (
+            self.linear(x, f"{p}.q_proj"),
+            self.linear(x, f"{p}.k_proj"),
+            self.linear(x, f"{p}.v_proj"),
+        )
 
     def _mlp(self, i: int, x: np.ndarray) -> np.ndarray:
         p = f"model.layers.{i}.mlp"
         if f"{p}.gate_up_proj" in self.lin:
             gu = self.linear(x, f"{p}.gate_up_proj")
         else:
-            gu = np.concatenate([self.linear(x, f"{p}.gate_proj"),
-                                 self.linear(x, f"{p}.up_proj")], axis=1)
+            gu = np.concatenate(
+                [self.linear(x, f"{p}.gate_proj"), self.linear(x, f"{p}.up_proj")], axis=1
+            )
         return self.linear(kernels.swiglu(gu), f"{p}.down_proj")
 
-    def _attention(self, i: int, x: np.ndarray, cache: KVCache, start: int,
-                   rope: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def _attention(
+        self, i: int, x: np.ndarray, cache: KVCache, start: int, rope: tuple[np.ndarray, np.ndarray]
+    ) -> np.ndarray:
         t = x.shape[0]
         q, k, v = self._qkv(i, x)
         total = start + t
         if t == 1:  # decoding: one fused call (rotary, cache write, softmax, values)
             first = max(0, start - self.window + 1) if self.window else 0
             out = kernels.attention_decode(
-                q.reshape(self.n_heads, self.head_dim), k.reshape(self.n_kv, self.head_dim),
-                v.reshape(self.n_kv, self.head_dim), cache.k[i], cache.v[i], rope[0][0],
-                rope[1][0], start, first, 1.0 / math.sqrt(self.head_dim), self.threads)
+                q.reshape(self.n_heads, self.head_dim),
+                k.reshape(self.n_kv, self.head_dim),
+                v.reshape(self.n_kv, self.head_dim),
+                cache.k[i],
+                cache.v[i],
+                rope[0][0],
+                rope[1][0],
+                start,
+                first,
+                1.0 / math.sqrt(self.head_dim),
+                self.threads,
+            )
             return self.linear(out.reshape(1, -1), f"model.layers.{i}.self_attn.o_proj")
         pos = np.arange(start, total)
         q = self.rope.rotate(q.reshape(t, self.n_heads, self.head_dim).transpose(1, 0, 2), *rope)
@@ -204,16 +242,17 @@ class NativeDecoder:
         qg = q.reshape(self.n_kv, group * t, self.head_dim)
         scores = (qg @ keys.transpose(0, 2, 1)).reshape(self.n_kv, group, t, total)
         scores *= np.float32(1.0 / math.sqrt(self.head_dim))
-        if t > 1 or (self.window and total > self.window):  # one new token sees every key
-            qpos, kpos = pos[:, None], np.arange(total)[None, :]
-            masked = kpos > qpos
-            if self.window:
-                masked |= kpos <= qpos - self.window
-            scores[:, :, masked] = -np.inf
+        qpos, kpos = pos[:, None], np.arange(total)[None, :]
+        masked = kpos > qpos  # causal, and outside Mistral's sliding window
+        if self.window:
+            masked |= kpos <= qpos - self.window
+        scores[:, :, masked] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores, out=scores)
         p /= p.sum(axis=-1, keepdims=True)
-        out = (p.reshape(self.n_kv, group * t, total) @ vals).reshape(self.n_heads, t, self.head_dim)
+        out = (p.reshape(self.n_kv, group * t, total) @ vals).reshape(
+            self.n_heads, t, self.head_dim
+        )
         out = np.ascontiguousarray(out.transpose(1, 0, 2).reshape(t, self.n_heads * self.head_dim))
         return self.linear(out, f"model.layers.{i}.self_attn.o_proj")
 
@@ -222,8 +261,9 @@ class NativeDecoder:
     def new_cache(self) -> KVCache:
         return KVCache(self.n_layers, self.n_kv, self.context, self.head_dim)
 
-    def forward(self, input_ids: np.ndarray, past: KVCache | None = None,
-                last_only: bool = False) -> tuple[np.ndarray, KVCache]:
+    def forward(
+        self, input_ids: np.ndarray, past: KVCache | None = None, last_only: bool = False
+    ) -> tuple[np.ndarray, KVCache]:
         """Logits (1, T, V) for ``input_ids`` (1, T) after ``past`` (``last_only``: (1, 1, V)
         of the last position, which is all generation needs: the LM head, the largest
         matrix, then runs once instead of T times); the cache grows in place."""

@@ -29,8 +29,10 @@ class OrtDecoder:
             so.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")),
-                                 key=lambda n: (int(n.split(".")[1]), n.endswith("value")))
+        self.past_names = sorted(
+            (n for n in inputs if n.startswith("past_key_values.")),
+            key=lambda n: (int(n.split(".")[1]), n.endswith("value")),
+        )
         self.n_layers = len(self.past_names) // 2
         shape = inputs[self.past_names[0]].shape if self.past_names else [1, 1, 0, 1]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
@@ -43,21 +45,26 @@ class OrtDecoder:
         self.output_names = ["logits", *self.present_names]
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
-                for _ in self.past_names]
+        return [
+            np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names
+        ]
 
-    def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
-                last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    def forward(
+        self, input_ids: np.ndarray, past: list[np.ndarray] | None = None, last_only: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits (B, T, V) for ``input_ids`` (B, T) after ``past`` (``last_only``: (B, 1, V),
         the last position's); returns the new past."""
         batch, t = input_ids.shape
         past = past if past is not None else self.empty_past(batch)
         past_len = past[0].shape[2] if past else 0
-        feed = {"input_ids": input_ids.astype(np.int64),
-                "attention_mask": np.ones((batch, past_len + t), np.int64)}
+        feed = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": np.ones((batch, past_len + t), np.int64),
+        }
         if self.has_position_ids:
             feed["position_ids"] = np.broadcast_to(
-                np.arange(past_len, past_len + t, dtype=np.int64), (batch, t)).copy()
+                np.arange(past_len, past_len + t, dtype=np.int64), (batch, t)
+            ).copy()
         feed.update(zip(self.past_names, past, strict=True))
         outs = self.session.run(self.output_names, feed)
         return (outs[0][:, -1:] if last_only else outs[0]), outs[1:]

@@ -35,8 +35,9 @@ class SamplingConfig:
             raise ConfigError("repetition_penalty must be > 0")
 
 
-def select(logits: np.ndarray, context: list[int], cfg: SamplingConfig,
-           rng: np.random.Generator) -> int:
+def select(
+    logits: np.ndarray, context: list[int], cfg: SamplingConfig, rng: np.random.Generator
+) -> int:
     """Pick the next token from a (V,) logit row."""
     x = logits.astype(np.float64).copy()
     if cfg.repetition_penalty != 1.0 and context:
@@ -54,7 +55,7 @@ def select(logits: np.ndarray, context: list[int], cfg: SamplingConfig,
     if cfg.top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
-        cut = order[np.searchsorted(cum, cfg.top_p) + 1:]
+        cut = order[np.searchsorted(cum, cfg.top_p) + 1 :]
         p[cut] = 0.0
         p /= p.sum()
     return int(rng.choice(p.size, p=p))

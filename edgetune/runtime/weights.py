@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -21,9 +22,23 @@ from ..errors import BundleError
 from ..kernels import Q4Weight, q4_dequantize
 from ..kernels.reference import q8_weight_dequantize
 
-_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.UINT8: np.uint8,
-       onnx.TensorProto.INT8: np.int8, onnx.TensorProto.INT64: np.int64,
-       onnx.TensorProto.FLOAT16: np.float16}
+T = TypeVar("T")
+
+
+def held(x: T | None) -> T:
+    """A field that the weight's ``kind`` says is set (f32 for "f32", q4 for "q4", the q8
+    pair for "q8"); the loaders set exactly those."""
+    assert x is not None, "a weight's kind names a field it does not hold"
+    return x
+
+
+_NP = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.FLOAT16: np.float16,
+}
 
 
 def _stored(w) -> tuple[np.ndarray, ...]:
@@ -84,12 +99,19 @@ class Embedding:
     def __getitem__(self, ids: np.ndarray) -> np.ndarray:
         """fp32 rows (T, H) of the token ids (T,)."""
         if self.kind == "f32":
-            return self.f32[ids]
+            return held(self.f32)[ids]
         if self.kind == "q8":
-            return q8_weight_dequantize(self.q8_codes[ids], self.q8_scales[ids]).T
-        q, zp = self.q4, self.q4.zero_points
-        rows = Q4Weight(np.ascontiguousarray(q.packed[ids]), np.ascontiguousarray(q.scales[ids]),
-                        None if zp is None else np.ascontiguousarray(zp[ids]), q.k, len(ids), q.block)
+            return q8_weight_dequantize(held(self.q8_codes)[ids], held(self.q8_scales)[ids]).T
+        q = held(self.q4)
+        zp = q.zero_points
+        rows = Q4Weight(
+            np.ascontiguousarray(q.packed[ids]),
+            np.ascontiguousarray(q.scales[ids]),
+            None if zp is None else np.ascontiguousarray(zp[ids]),
+            q.k,
+            len(ids),
+            q.block,
+        )
         return q4_dequantize(rows).T
 
     @property
@@ -100,10 +122,13 @@ class Embedding:
     def shape(self) -> tuple[int, int]:
         """(vocab, hidden) of the fp32 table this one stands for."""
         if self.kind == "f32":
-            return self.f32.shape
+            v, h = held(self.f32).shape
+            return v, h
         if self.kind == "q8":
-            return self.q8_codes.shape[0], self.q8_codes.shape[1] * self.q8_codes.shape[2]
-        return self.q4.n, self.q4.k
+            codes = held(self.q8_codes)
+            return codes.shape[0], codes.shape[1] * codes.shape[2]
+        q = held(self.q4)
+        return q.n, q.k
 
     def as_head(self) -> Linear:
         """The table as a tied LM head, logits = x @ table.T, on the same bytes: fp32 (V, H)
@@ -111,7 +136,7 @@ class Embedding:
         byte a MatMulNBits weight with N=V, K=H, and so are the 4-bit ones."""
         vocab, hidden = self.shape
         if self.kind == "f32":
-            return Linear("f32", hidden, vocab, f32=self.f32.T)
+            return Linear("f32", hidden, vocab, f32=held(self.f32).T)
         if self.kind == "q8":
             return Linear("q8", hidden, vocab, q8_codes=self.q8_codes, q8_scales=self.q8_scales)
         return Linear("q4", hidden, vocab, q4=self.q4)
@@ -150,7 +175,7 @@ class OnnxWeights:
         off, length = int(info.get("offset", 0)), int(info["length"])
         if off + length > raw.size:
             raise BundleError(f"{loc}: shorter than the data of {name!r} needs")
-        return raw[off:off + length].view(_NP[t.data_type]).reshape(tuple(t.dims))
+        return raw[off : off + length].view(_NP[t.data_type]).reshape(tuple(t.dims))
 
     def has(self, name: str) -> bool:
         return self._resolve(name) in self.inits
@@ -173,7 +198,6 @@ class OnnxWeights:
                         return self.array(i)
         raise BundleError(f"{self.path}: weight of {module} not found")
 
-
     def embedding(self, name: str = "model.embed_tokens.weight") -> Embedding:
         """The embedding table: a GatherBlockQuantized node's blocks, else fp32 ``name``."""
         node = next((n for n in self.nodes if n.op_type == "GatherBlockQuantized"), None)
@@ -181,17 +205,24 @@ class OnnxWeights:
             return Embedding("f32", f32=self.array(name))
         a = {x.name: x.i for x in node.attribute if x.type == onnx.AttributeProto.INT}
         bits, block = a.get("bits", 4), a["block_size"]
-        if a.get("gather_axis", 0) != 0 or a.get("quantize_axis", 1) not in (1, -1) \
-                or bits not in (4, 8):
-            raise BundleError(f"{self.path}: {node.name}: only 4/8-bit embedding blocks along "
-                              "the hidden size are supported by the native backend")
+        if (
+            a.get("gather_axis", 0) != 0
+            or a.get("quantize_axis", 1) not in (1, -1)
+            or bits not in (4, 8)
+        ):
+            raise BundleError(
+                f"{self.path}: {node.name}: only 4/8-bit embedding blocks along "
+                "the hidden size are supported by the native backend"
+            )
         data, scales = self.array(node.input[0]), self.array(node.input[2])
         vocab, nb = scales.shape
         if bits == 8:
             return Embedding("q8", q8_codes=data.reshape(vocab, nb, block), q8_scales=scales)
         zp = self.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        return Embedding("q4", q4=Q4Weight(data.reshape(vocab, nb, block // 2), scales, zp,
-                                           nb * block, vocab, block))
+        return Embedding(
+            "q4",
+            q4=Q4Weight(data.reshape(vocab, nb, block // 2), scales, zp, nb * block, vocab, block),
+        )
 
     @staticmethod
     def _perm(node) -> list[int] | None:
@@ -206,13 +237,20 @@ class OnnxWeights:
             for i in n.input:
                 consumers.setdefault(i, []).append(n)
         # a tied LM head as torch.onnx writes it: MatMul(x, Transpose(embed_tokens.weight))
-        transposed = {n.output[0]: n.input[0] for n in self.nodes
-                      if n.op_type == "Transpose" and self._is_matrix(n.input[0])
-                      and self._perm(n) in (None, [1, 0])}
+        transposed = {
+            n.output[0]: n.input[0]
+            for n in self.nodes
+            if n.op_type == "Transpose"
+            and self._is_matrix(n.input[0])
+            and self._perm(n) in (None, [1, 0])
+        }
         for node in self.nodes:
             path = ".".join(p for p in node.name.split("/") if p and not p.startswith("MatMul"))
             if node.op_type == "MatMulNBits":
-                a = {x.name: (x.i if x.type == onnx.AttributeProto.INT else x.f) for x in node.attribute}
+                a = {
+                    x.name: (x.i if x.type == onnx.AttributeProto.INT else x.f)
+                    for x in node.attribute
+                }
                 k, n, bits, block = int(a["K"]), int(a["N"]), int(a["bits"]), int(a["block_size"])
                 codes = self.array(node.input[1])
                 scales = self.array(node.input[2]).reshape(n, k // block)
@@ -220,12 +258,28 @@ class OnnxWeights:
                     zp = None
                     if len(node.input) > 3 and node.input[3]:
                         zp = self.array(node.input[3]).reshape(n, -1)
-                    lin = Linear("q4", k, n, q4=Q4Weight(codes.reshape(n, k // block, block // 2),
-                                                         np.ascontiguousarray(scales), zp, k, n, block))
+                    lin = Linear(
+                        "q4",
+                        k,
+                        n,
+                        q4=Q4Weight(
+                            codes.reshape(n, k // block, block // 2),
+                            np.ascontiguousarray(scales),
+                            zp,
+                            k,
+                            n,
+                            block,
+                        ),
+                    )
                 elif bits == 8:
-                    lin = Linear("q8", k, n, q8_codes=codes.reshape(n, k // block, block),
-                                 q8_scales=np.ascontiguousarray(scales),
-                                 int8_activations=int(a.get("accuracy_level", 0)) == 4)
+                    lin = Linear(
+                        "q8",
+                        k,
+                        n,
+                        q8_codes=codes.reshape(n, k // block, block),
+                        q8_scales=np.ascontiguousarray(scales),
+                        int8_activations=int(a.get("accuracy_level", 0)) == 4,
+                    )
                 else:
                     raise BundleError(f"{self.path}: {node.name}: {bits}-bit weights not supported")
             elif node.op_type == "MatMul" and self.has(node.input[1]):

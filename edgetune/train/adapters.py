@@ -12,9 +12,11 @@ def lora_config(cfg: TrainConfig):
 
     config = LoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        # peft annotates lora_alpha as int, but takes any number: it is only the scale alpha / r
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules if cfg.target_modules == "all-linear"
+        target_modules=cfg.target_modules
+        if cfg.target_modules == "all-linear"
         else [m.strip() for m in cfg.target_modules.split(",")],
         use_dora=cfg.use_dora,
         bias="none",
@@ -43,8 +45,9 @@ def load_base(cfg: TrainConfig, dtype=None, device: str = "cpu"):
 
     if not cfg.quantized:
         return load_model(cfg.model, dtype=dtype, device=device)
-    return load_model_nf4(cfg.model, dtype=dtype, device=device,
-                          adapter_targets=adapter_targets(cfg))
+    return load_model_nf4(
+        cfg.model, dtype=dtype, device=device, adapter_targets=adapter_targets(cfg)
+    )
 
 
 def adapter_targets(cfg: TrainConfig) -> tuple[str, ...]:

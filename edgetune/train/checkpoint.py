@@ -29,25 +29,30 @@ def latest(run: Path) -> Path | None:
     d = _dir(run)
     if not d.is_dir():
         return None
-    done = sorted(p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / "state.pt").is_file())
+    done = sorted(
+        p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / "state.pt").is_file()
+    )
     return done[-1] if done else None
 
 
-def _trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def path(run: Path, step: int) -> Path:
+    """Where checkpoint ``step`` of a run lives."""
+    return _dir(run) / f"{PREFIX}{step:07d}"
 
 
-def save(run: Path, step: int, model, opt, sched, keep: int) -> Path:
-    return write(run, step, _trainable(model), opt.state_dict(), sched.state_dict(), keep)
-
-
-def write(run: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
-          keep: int) -> Path:
+def write(
+    run: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer: dict,
+    scheduler: dict,
+    keep: int,
+) -> Path:
     """Write checkpoint ``step`` from full (unsharded) trainable weights and optimizer state
     in ``torch.optim`` form; every strategy and world size writes and reads this one format."""
     d = _dir(run)
     d.mkdir(parents=True, exist_ok=True)
-    final = d / f"{PREFIX}{step:07d}"
+    final = path(run, step)
     tmp = d / f".tmp-{PREFIX}{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -72,13 +77,14 @@ def write(run: Path, step: int, weights: dict[str, torch.Tensor], optimizer: dic
     return final
 
 
-def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A checkpoint's trainable weights and its state (step, optimizer, scheduler, RNG)."""
-    weights = load_file(str(path / "adapter.safetensors"))
-    return weights, torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    weights = load_file(str(ckpt / "adapter.safetensors"))
+    return weights, torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
 
 
 def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's trainable weights into the (not yet wrapped or sharded) PEFT model."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():
@@ -86,25 +92,19 @@ def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
 
 
 def restore_rng(state: dict) -> None:
+    """The RNG state the run had at the checkpoint (dropout continues as uninterrupted)."""
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-
-
-def load(path: Path, model, opt, sched) -> int:
-    """Restore a checkpoint into model/optimizer/scheduler/RNG; returns its step."""
-    weights, state = read(path)
-    load_weights(model, weights)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    restore_rng(state)
-    return int(state["step"])
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines after ``step`` (written after the checkpoint a run resumes from)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in keep))

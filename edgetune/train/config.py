@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from ..errors import ConfigError
 
-METHODS = ("qlora", "qdora", "lora", "dora")
+Method = Literal["qlora", "qdora", "lora", "dora"]
+METHODS = get_args(Method)
 #: Scale-out strategies: data parallel (torch DDP), FSDP2 ``fully_shard``, DeepSpeed ZeRO 1/2/3.
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+Strategy = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
+STRATEGIES = get_args(Strategy)
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every field is a ``train`` flag and a YAML key; its docstring is the flag's help."""
+
     model: str
     """Local Hugging Face causal-LM dir (Llama / Phi-3 / Mistral / Qwen2 family)."""
     data: str
@@ -21,7 +27,7 @@ class TrainConfig:
     """Run dir: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
     eval_data: str | None = None
     """Optional held-out JSONL; eval loss is logged every ``eval_every`` steps."""
-    method: str = "qlora"
+    method: Method = "qlora"
     """qlora / qdora (NF4 base) or lora / dora (full-precision base)."""
     rank: int = 16
     """LoRA rank r."""
@@ -65,11 +71,11 @@ class TrainConfig:
     """Checkpoints kept on disk (oldest removed first)."""
     seed: int = 0
     """Seed for adapter init, dropout and data order."""
-    device: str = "auto"
+    device: Device = "auto"
     """auto (CUDA when present, else CPU), cpu or cuda."""
     nproc: int = 1
     """Processes per node (one per GPU; on CPU, at most one per core); > 1 launches workers."""
-    strategy: str = "ddp"
+    strategy: Strategy = "ddp"
     """How workers split the work: ddp, fsdp (FSDP2), zero1 / zero2 / zero3 (DeepSpeed)."""
     nnodes: int = 1
     """Nodes in the job; each node runs the same command with its own ``node_rank``."""
@@ -83,8 +89,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("rank", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every",
-                     "keep_checkpoints"):
+        for name in (
+            "rank",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -96,8 +109,9 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, "
-                              f"got {self.strategy!r}")
+            raise ConfigError(
+                f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
+            )
         if self.nproc < 1 or self.nnodes < 1:
             raise ConfigError(f"nproc and nnodes must be >= 1, got {self.nproc} and {self.nnodes}")
         if not 0 <= self.node_rank < self.nnodes:

@@ -37,14 +37,16 @@ class NF4DoraLinearVariant(DoraLinearVariant):
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
         lora_a = module.lora_A[adapter_name].weight
         norm = module.get_base_layer().dora_weight_norm(
-            lora_a, module.lora_B[adapter_name].weight, module.scaling[adapter_name])
+            lora_a, module.lora_B[adapter_name].weight, module.scaling[adapter_name]
+        )
         layer = DoraLinearLayer(fan_in_fan_out=getattr(module, "fan_in_fan_out", False))
         layer.weight = nn.Parameter(norm.to(lora_a.dtype), requires_grad=True)
         module.lora_magnitude_vector[adapter_name] = layer
 
     @staticmethod
-    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
-                **kwargs) -> torch.Tensor:
+    def forward(
+        module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]

@@ -14,9 +14,13 @@ logits instead of (B, T, V), where N counts labelled tokens (the answer, not the
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Rows of the LM head widened to fp32 at a time: ~32 MB at Phi-3-mini's width.
 CHUNK_VALUES = 8 << 20
@@ -46,12 +50,13 @@ class StoredLinear(nn.Linear):
     computed in ``compute_dtype`` a block of output rows at a time, forward and backward, so
     no full-size widened copy of W exists."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None,
-                 compute_dtype: torch.dtype):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.weight = weight  # the same Parameter as a tied embedding's
-        self.bias = bias
+        # torch infers Linear.bias as Parameter from its __init__, yet it is None there too
+        # without a bias (register_parameter("bias", None)): a gap in torch's types
+        self.bias = bias  # type: ignore[assignment]
         self.compute_dtype = compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., V)
@@ -90,32 +95,40 @@ class _BlockwiseMatmul(torch.autograd.Function):
         return dx.reshape(*grad_y.shape[:-1], weight.shape[1]), None
 
 
-def keep_stored_vocab(model: nn.Module, compute_dtype: torch.dtype,
-                      adapter_targets: tuple[str, ...] = ()) -> None:
+def keep_stored_vocab(
+    model: PreTrainedModel, compute_dtype: torch.dtype, adapter_targets: tuple[str, ...] = ()
+) -> None:
     """Swap the embedding and LM head whose weights are narrower than ``compute_dtype`` for
     ``StoredEmbedding`` / ``StoredLinear``, in place (tied, they keep one Parameter). Modules
     matched by ``adapter_targets`` (PEFT's rule: the name or its last components) are left
     as they are: an adapter over them trains in the base weight's dtype."""
     names = {id(m): n for n, m in model.named_modules()}
 
-    def frozen_narrow(m: nn.Module | None) -> bool:
+    def frozen_narrow(m: nn.Embedding | nn.Linear | None) -> bool:
         if m is None or not m.weight.is_floating_point():
             return False
         name = names[id(m)]
-        return (m.weight.element_size() < compute_dtype.itemsize
-                and not any(name == t or name.endswith("." + t) for t in adapter_targets))
+        return m.weight.element_size() < compute_dtype.itemsize and not any(
+            name == t or name.endswith("." + t) for t in adapter_targets
+        )
 
+    # torch declares Embedding.weight and Linear.weight as Tensor; they are the Parameters
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if type(emb) is nn.Embedding and frozen_narrow(emb):
-        model.set_input_embeddings(StoredEmbedding(emb, emb.weight, compute_dtype))
+        model.set_input_embeddings(
+            StoredEmbedding(emb, cast(nn.Parameter, emb.weight), compute_dtype)
+        )
     if type(head) is nn.Linear and frozen_narrow(head):
-        model.set_output_embeddings(StoredLinear(head.weight, head.bias, compute_dtype))
+        model.set_output_embeddings(
+            StoredLinear(cast(nn.Parameter, head.weight), head.bias, compute_dtype)
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP / DeepSpeed wrapper (FSDP2 and PEFT models are the model)."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
+    inner = getattr(model, "module", None)
+    while isinstance(inner, nn.Module):
+        model, inner = inner, getattr(inner, "module", None)
     return model
 
 
@@ -125,11 +138,15 @@ def logits_only_at(model: nn.Module, keep: torch.Tensor):
     (B, T') is true, the first T' positions of each row: ``.logits`` is (N, V), N = keep.sum(),
     in row-major order. Done in the head's forward, so wrappers that gather or shard its
     weight (FSDP2, ZeRO-3) see an ordinary call."""
+
     def select(_module, args):
         hidden, *rest = args  # (B, T, C)
-        return (hidden[:, :keep.shape[1]][keep], *rest)  # (N, C)
+        return (hidden[:, : keep.shape[1]][keep], *rest)  # (N, C)
 
-    handle = _unwrap(model).get_output_embeddings().register_forward_pre_hook(select)
+    # unwrapped, it is a transformers causal LM (or a PEFT model forwarding to one), whose
+    # methods nn.Module's types cannot see
+    lm = cast("PreTrainedModel", _unwrap(model))
+    handle = lm.get_output_embeddings().register_forward_pre_hook(select)
     try:
         yield
     finally:

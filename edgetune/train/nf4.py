@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import NF4Tensor, reference
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _nf4_tensor(module: "NF4Linear") -> NF4Tensor:
@@ -79,7 +83,7 @@ def _rows_per_block(shape: tuple[int, ...]) -> int:
 def _row_blocks(w: np.ndarray):
     rows = _rows_per_block(w.shape)
     for start in range(0, w.shape[0], rows):
-        yield w[start:start + rows]
+        yield w[start : start + rows]
 
 
 def nf4_quantize_blocks(chunks: Iterable[np.ndarray], shape: tuple[int, ...]) -> NF4Tensor:
@@ -97,8 +101,8 @@ def nf4_quantize_blocks(chunks: Iterable[np.ndarray], shape: tuple[int, ...]) ->
         blocks, am = reference.blockwise_absmax(chunk, kernels.NF4_BLOCK)
         safe = np.where(am == 0, 1.0, am)
         codes = reference.nearest_code(blocks / safe[:, None], kernels.NF4_CODE)
-        part = reference.pack_nibbles(codes.reshape(-1)[:chunk.size])
-        packed[done // 2:done // 2 + part.size] = part
+        part = reference.pack_nibbles(codes.reshape(-1)[: chunk.size])
+        packed[done // 2 : done // 2 + part.size] = part
         absmax.append(am)
         done += chunk.size
     if done != n:
@@ -132,6 +136,11 @@ class NF4Linear(nn.Linear):
     #: The CPU kernels read the packed weight through a numpy view, which pins its storage.
     #: FSDP2 frees each gathered weight after use, so under it the kernels get a copy.
     share_weight_with_numpy = True
+    absmax_q: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    absmax_scale: torch.Tensor
+    absmax_offset: torch.Tensor
+    bias: nn.Parameter | None  # type: ignore[assignment]  # nn.Linear's stub says Parameter
+    _row_norm2: torch.Tensor | None = None  # ||W||² per row, cached by dora_weight_norm
 
     def __init__(self, linear: nn.Linear):
         self._setup(linear.weight, linear.bias)
@@ -144,8 +153,12 @@ class NF4Linear(nn.Linear):
         return module
 
     @classmethod
-    def from_nf4(cls, t: NF4Tensor, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype = torch.float32) -> "NF4Linear":
+    def from_nf4(
+        cls,
+        t: NF4Tensor,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> "NF4Linear":
         """An NF4Linear over an already quantized weight (see :func:`load_model_nf4`)."""
         module = cls.__new__(cls)
         module._setup_nf4(t, bias, compute_dtype, torch.device("cpu"))
@@ -153,11 +166,17 @@ class NF4Linear(nn.Linear):
 
     def _setup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         w = weight.detach().float().cpu().numpy()
-        self._setup_nf4(nf4_quantize_blocks(_row_blocks(w), w.shape), bias, weight.dtype,
-                        weight.device)
+        self._setup_nf4(
+            nf4_quantize_blocks(_row_blocks(w), w.shape), bias, weight.dtype, weight.device
+        )
 
-    def _setup_nf4(self, t: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-                   device: torch.device) -> None:
+    def _setup_nf4(
+        self,
+        t: NF4Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = t.shape
         # packed codes as the module's "weight" (uint8), as bitsandbytes' Params4bit does,
@@ -165,8 +184,9 @@ class NF4Linear(nn.Linear):
         self.weight = nn.Parameter(torch.from_numpy(t.packed).to(device), requires_grad=False)
         self.register_buffer("absmax_q", torch.from_numpy(t.absmax_q).to(device))
         self.register_buffer("absmax_scale", torch.from_numpy(t.absmax_scale).to(device))
-        self.register_buffer("absmax_offset", torch.tensor(t.absmax_offset, dtype=torch.float32,
-                                                           device=device))
+        self.register_buffer(
+            "absmax_offset", torch.tensor(t.absmax_offset, dtype=torch.float32, device=device)
+        )
         self.bias = None
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -178,14 +198,19 @@ class NF4Linear(nn.Linear):
 
     def absmax(self) -> torch.Tensor:
         code = torch.as_tensor(reference.DYNAMIC_MAP, device=self.absmax_q.device)
-        idx = torch.arange(self.absmax_q.numel(), device=self.absmax_q.device) // reference.ABSMAX_BLOCK
+        idx = (
+            torch.arange(self.absmax_q.numel(), device=self.absmax_q.device)
+            // reference.ABSMAX_BLOCK
+        )
         return code[self.absmax_q.long()] * self.absmax_scale[idx] + self.absmax_offset
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 (out, in) weight exactly as training sees it."""
         if self.weight.device.type == "cpu":
             return torch.from_numpy(kernels.nf4_dequantize(_nf4_tensor(self)))
-        return dequantize_nf4_torch(self.weight, self.absmax(), (self.out_features, self.in_features))
+        return dequantize_nf4_torch(
+            self.weight, self.absmax(), (self.out_features, self.in_features)
+        )
 
     def transient_weight(self) -> torch.Tensor:
         """``dequantize()`` for the duration of one matmul only: on the CPU it lands in a
@@ -199,16 +224,18 @@ class NF4Linear(nn.Linear):
         return torch.from_numpy(out)
 
     @torch.no_grad()
-    def dora_weight_norm(self, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                         scaling: float) -> torch.Tensor:
+    def dora_weight_norm(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
         """||W + scaling · B @ A|| per output row (DoRA's column norm in PEFT's terms), from
         the cached ||W||² and r-sized products; see ``edgetune.train.dora``. Detached."""
         w = self.transient_weight()
         a, b = lora_a.detach().to(w.dtype), lora_b.detach().to(w.dtype)
-        if getattr(self, "_row_norm2", None) is None or self._row_norm2.device != w.device:
+        if self._row_norm2 is None or self._row_norm2.device != w.device:
             # W is frozen: once, in float64, a few rows at a time (no full-size temporaries)
-            self._row_norm2 = torch.cat([rows.double().square().sum(dim=1).to(w.dtype)
-                                         for rows in w.split(256)])
+            self._row_norm2 = torch.cat(
+                [rows.double().square().sum(dim=1).to(w.dtype) for rows in w.split(256)]
+            )
         cross = (b * (w @ a.T)).sum(dim=1)
         ba2 = ((b @ (a @ a.T)) * b).sum(dim=1)
         return (self._row_norm2 + 2 * scaling * cross + scaling**2 * ba2).clamp_min(0).sqrt()
@@ -221,11 +248,14 @@ class NF4Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
 
 
-def linear_targets(model: nn.Module) -> list[str]:
+def linear_targets(model: PreTrainedModel) -> list[str]:
     """Names of the decoder's linear projections (attention and MLP), not the LM head."""
     out_emb = model.get_output_embeddings()
-    return [name for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and mod is not out_emb]
+    return [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and mod is not out_emb
+    ]
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -233,24 +263,29 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def quantize_model_nf4(model: nn.Module) -> nn.Module:
+def quantize_model_nf4(model: PreTrainedModel) -> PreTrainedModel:
     """Replace every decoder linear projection by a frozen NF4Linear, in place (layers that
     already are NF4, e.g. from :func:`load_model_nf4`, stay as they are)."""
     for name in linear_targets(model):
         mod = model.get_submodule(name)
+        assert isinstance(mod, nn.Linear)  # linear_targets names only nn.Linear modules
         if not isinstance(mod, NF4Linear):
             _set_module(model, name, NF4Linear(mod))
     return model
 
 
-def _read(src, key: str, shape: tuple[int, ...], dtype: torch.dtype,
-          keep_narrow: bool) -> torch.Tensor:
+def _read(
+    src, key: str, shape: tuple[int, ...], dtype: torch.dtype, keep_narrow: bool
+) -> torch.Tensor:
     """One checkpoint tensor as torch, in ``dtype`` or, with ``keep_narrow``, as stored when
     that is a narrower float (bf16 / fp16 under fp32 compute)."""
     info = src.expect(key, shape)
     raw = src.raw(key)
-    t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if info.dtype == "BF16" \
+    t = (
+        torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+        if info.dtype == "BF16"
         else torch.from_numpy(raw)
+    )
     if keep_narrow and t.is_floating_point() and t.element_size() < dtype.itemsize:
         return t
     return t.to(dtype)
@@ -258,12 +293,20 @@ def _read(src, key: str, shape: tuple[int, ...], dtype: torch.dtype,
 
 def _set_param(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module, _, name = key.rpartition(".")
-    setattr(model.get_submodule(module) if module else model, name,
-            nn.Parameter(value, requires_grad=False))
+    setattr(
+        model.get_submodule(module) if module else model,
+        name,
+        nn.Parameter(value, requires_grad=False),
+    )
 
 
-def load_model_nf4(model_dir, dtype=None, device: str = "cpu", keep_stored: bool = True,
-                   adapter_targets: tuple[str, ...] = ()) -> nn.Module:
+def load_model_nf4(
+    model_dir,
+    dtype=None,
+    device: str = "cpu",
+    keep_stored: bool = True,
+    adapter_targets: tuple[str, ...] = (),
+) -> nn.Module:
     """Load a causal LM with its decoder projections quantized to NF4 while reading.
 
     The model is built without storage (accelerate's ``init_empty_weights``); each
@@ -292,15 +335,17 @@ def load_model_nf4(model_dir, dtype=None, device: str = "cpu", keep_stored: bool
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     model.tie_weights()  # a tied LM head is the embedding's Parameter, read once
-    for name in tqdm(linear_targets(model), desc="load nf4", unit="proj", leave=False,
-                     disable=None):
+    for name in tqdm(
+        linear_targets(model), desc="load nf4", unit="proj", leave=False, disable=None
+    ):
         mod = model.get_submodule(name)
         shape = (mod.out_features, mod.in_features)
         key = f"{name}.weight"
         src.expect(key, shape)
         rows = _rows_per_block(shape)
-        chunks = (src.array(key, rows=(a, min(a + rows, shape[0])))
-                  for a in range(0, shape[0], rows))
+        chunks = (
+            src.array(key, rows=(a, min(a + rows, shape[0]))) for a in range(0, shape[0], rows)
+        )
         try:
             t = nf4_quantize_blocks(chunks, shape)
         except ValueError as e:
@@ -312,8 +357,9 @@ def load_model_nf4(model_dir, dtype=None, device: str = "cpu", keep_stored: bool
         vocab.add(id(model.get_output_embeddings().weight))
     for key, p in list(model.named_parameters()):
         if p.is_meta:  # tied weights are listed once, under the embedding's name
-            _set_param(model, key, _read(src, key, tuple(p.shape), dtype,
-                                         keep_stored and id(p) in vocab))
+            _set_param(
+                model, key, _read(src, key, tuple(p.shape), dtype, keep_stored and id(p) in vocab)
+            )
     model.tie_weights()  # again, to the loaded Parameter (only where config.json ties)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
@@ -322,12 +368,13 @@ def load_model_nf4(model_dir, dtype=None, device: str = "cpu", keep_stored: bool
     return model.to(device)
 
 
-def nf4_roundtrip_weights(model: nn.Module) -> nn.Module:
+def nf4_roundtrip_weights(model: PreTrainedModel) -> PreTrainedModel:
     """Set each decoder linear weight to dequant(quant(W)) in place: the fp model that
     an NF4 base stands for, used to merge exactly as training saw the base."""
     with torch.no_grad():
         for name in linear_targets(model):
             mod = model.get_submodule(name)
+            assert isinstance(mod, nn.Linear)  # linear_targets names only nn.Linear modules
             w = mod.weight.detach().float().cpu().numpy()
             t = nf4_quantize_blocks(_row_blocks(w), w.shape)  # = kernels.nf4_quantize(w)
             mod.weight.copy_(torch.from_numpy(kernels.nf4_dequantize(t)))

@@ -20,8 +20,9 @@ def hqq_bundle(merged_model, task_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def gptq_bundle(merged_model, task_data, tmp_path_factory):
     """GPTQ calibrated on the training split, scored on the held-out one."""
-    return _export(merged_model, task_data, tmp_path_factory, "gptq", algo="gptq",
-                   calib_data=str(task_data[0]))
+    return _export(
+        merged_model, task_data, tmp_path_factory, "gptq", algo="gptq", calib_data=str(task_data[0])
+    )
 
 
 @pytest.fixture(scope="session")

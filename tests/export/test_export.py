@@ -24,8 +24,13 @@ def test_int4_bundle_report_and_manifest(int4_bundle):
     manifest = verify(int4_bundle)
     assert manifest["architecture"]["model_type"] == "phi3"
     files = set(manifest["files"])
-    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "genai_config.json",
-            "report.json"} <= files
+    assert {
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "genai_config.json",
+        "report.json",
+    } <= files
     assert manifest["tokenizer"]["chat_template"]
 
 
@@ -83,8 +88,9 @@ def test_int8_and_fp32_exports(merged_model, int8_bundle, tmp_path):
     assert q["top1_agreement"] >= 0.98 and abs(q["ppl_change"]) <= 0.02
     # --force replaces the bundle atomically; nothing temporary is left beside it
     shutil.copytree(int8_bundle, tmp_path / "int8")
-    out = export(merged_model, tmp_path / "int8", ExportConfig(quant="none"), force=True,
-                 log=lambda s: None)
+    out = export(
+        merged_model, tmp_path / "int8", ExportConfig(quant="none"), force=True, log=lambda s: None
+    )
     assert json.loads((out / MANIFEST).read_text())["quantization"]["quant"] == "none"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
 

@@ -15,7 +15,9 @@ def test_family_exports_with_parity(family, quant, bound, family_model, tmp_path
     """ONNX Runtime on the bundle against PyTorch on the same weights: fp32 to float
     rounding; int4 within ORT's int8-activation error (accuracy_level 4)."""
     src = family_model(family)
-    out = export(src, tmp_path / "b", ExportConfig(quant=quant, report_tokens=16), log=lambda s: None)
+    out = export(
+        src, tmp_path / "b", ExportConfig(quant=quant, report_tokens=16), log=lambda s: None
+    )
     report = json.loads((out / "report.json").read_text())
     parity = report["onnx_vs_torch"]
     assert parity["max_rel_logit_diff"] <= bound, parity
@@ -35,8 +37,9 @@ def test_native_backend_matches_ort(family, family_model, tmp_path):
     src = family_model(family)
     ids = [3, 17, 200, 45, 9, 1000, 12, 7]
     for quant, bound in (("none", 1e-4), ("int4", 5e-2)):
-        out = export(src, tmp_path / quant, ExportConfig(quant=quant, report_tokens=4),
-                     log=lambda s: None)
+        out = export(
+            src, tmp_path / quant, ExportConfig(quant=quant, report_tokens=4), log=lambda s: None
+        )
         ort_m, nat_m = Model.load(out, backend="ort"), Model.load(out, backend="native")
         lo, _ = ort_m.decoder.forward(np.array([ids]))
         ln, _ = nat_m.decoder.forward(np.array([ids]))
@@ -53,21 +56,33 @@ def test_int4_weights_at_most_02x_fp32_for_weight_dominated_model(tmp_path, tiny
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=3072, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                      bos_token_id=0, eos_token_id=5, pad_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=3072,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=5,
+        pad_token_id=1,
+    )
     src = tmp_path / "llama"
     LlamaForCausalLM(cfg).save_pretrained(src, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tiny_model / name, src / name)
-    out = export(src, tmp_path / "b", ExportConfig(quant="int4", report_tokens=4), log=lambda s: None)
+    out = export(
+        src, tmp_path / "b", ExportConfig(quant="int4", report_tokens=4), log=lambda s: None
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["file_bytes"]["model.onnx.data"] <= 0.2 * report["fp32_weight_bytes"]
 
 
 @pytest.mark.parametrize("family", ["phi3", "mistral"])
-def test_native_long_context_and_sliding_window_match_pytorch(family, tmp_path, tiny_model,
-                                                             family_config):
+def test_native_long_context_and_sliding_window_match_pytorch(
+    family, tmp_path, tiny_model, family_config
+):
     """Past Phi-3's original context the native backend switches to longrope's long factors,
     and Mistral's sliding window limits what each position sees, in the batched prompt pass
     and in one-token decoding alike: logits as PyTorch's on an fp32 bundle."""
@@ -87,11 +102,16 @@ def test_native_long_context_and_sliding_window_match_pytorch(family, tmp_path, 
     model = AutoModelForCausalLM.from_config(cfg).eval()
     src = tmp_path / "src"
     model.save_pretrained(src)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ):
         shutil.copy(tiny_model / name, src / name)
-    out = export(src, tmp_path / "b", ExportConfig(quant="none", report_tokens=4),
-                 log=lambda s: None)
+    out = export(
+        src, tmp_path / "b", ExportConfig(quant="none", report_tokens=4), log=lambda s: None
+    )
     from edgetune.bundle import read_manifest
 
     dec = NativeDecoder(out, read_manifest(out))
@@ -100,7 +120,7 @@ def test_native_long_context_and_sliding_window_match_pytorch(family, tmp_path, 
         want = model(torch.tensor(ids[None])).logits[0].numpy()
     full, _ = dec.forward(ids[None])  # one batched pass
     _, cache = dec.forward(ids[None, :20])
-    steps = [dec.forward(ids[None, t:t + 1], cache)[0][0, -1] for t in range(20, 24)]
+    steps = [dec.forward(ids[None, t : t + 1], cache)[0][0, -1] for t in range(20, 24)]
     scale = np.abs(want).max()
     assert np.abs(full[0] - want).max() <= 1e-4 * scale
     assert np.abs(np.stack(steps) - want[20:]).max() <= 1e-4 * scale

@@ -11,7 +11,9 @@ pytest.importorskip("onnxruntime_genai")
 
 def test_genai_greedy_equals_edgetune_ort_backend(int4_bundle):
     ours = Model.load(int4_bundle)
-    ids = ours.encode(ours.render_chat([{"role": "user", "content": "dim the hallway lights to 20%"}]))
+    ids = ours.encode(
+        ours.render_chat([{"role": "user", "content": "dim the hallway lights to 20%"}])
+    )
     want = list(ours.generate_ids(ids, SamplingConfig(max_new_tokens=40)))
 
     assert genai_greedy(int4_bundle, ids, 40, ours.eos_ids) == want

@@ -23,7 +23,8 @@ from edgetune.export.gptq import (
     gptq_quantize,
 )
 from edgetune.export.layerwise import Layerwise, greedy, logits, parity
-from edgetune.export.report import _log_softmax, eval_texts
+from edgetune.export.report import eval_texts
+from edgetune.export.scores import log_softmax as _log_softmax
 from edgetune.tensors import SafetensorsSource
 
 REL = 1e-5
@@ -37,8 +38,9 @@ def _save(cfg, path, seed=0):
 
 def _hf_logits(model_dir, seqs, **params):
     """HF's eager fp32 model on each sequence (``params``: name -> replacement weight)."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager",
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), attn_implementation="eager", dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         for name, w in params.items():
             model.get_parameter(name).copy_(torch.from_numpy(w))
@@ -56,6 +58,7 @@ def _seqs(lengths, vocab=2048, seed=0):
 
 # -- equal to the HF model ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
 def test_logits_equal_hf_per_family(family, family_model):
     d = family_model(family)
@@ -65,19 +68,31 @@ def test_logits_equal_hf_per_family(family, family_model):
 
 
 def test_logits_equal_hf_on_the_shipped_model(tiny_model, tiny_tokenizer):
-    seqs = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"]
-            for t in eval_texts(tiny_tokenizer, None, 3)]
+    seqs = [
+        tiny_tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in eval_texts(tiny_tokenizer, None, 3)
+    ]
     for got, ref in zip(logits(tiny_model, seqs), _hf_logits(tiny_model, seqs), strict=True):
         assert _rel(got, ref) < REL
 
 
-@pytest.mark.parametrize("family,change,length", [
-    ("mistral", {"sliding_window": 8}, 40),                      # every layer windowed
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8,  # layer 1 of 2 windowed
-               "max_window_layers": 1}, 40),
-    ("phi3", {"sliding_window": 8}, 40),                         # HF's Phi-3 applies it too
-    ("phi3", {}, 300),  # past original_max_position_embeddings 256: longrope's long factors
-])
+@pytest.mark.parametrize(
+    "family,change,length",
+    [
+        ("mistral", {"sliding_window": 8}, 40),  # every layer windowed
+        (
+            "qwen2",
+            {
+                "use_sliding_window": True,
+                "sliding_window": 8,  # layer 1 of 2 windowed
+                "max_window_layers": 1,
+            },
+            40,
+        ),
+        ("phi3", {"sliding_window": 8}, 40),  # HF's Phi-3 applies it too
+        ("phi3", {}, 300),  # past original_max_position_embeddings 256: longrope's long factors
+    ],
+)
 def test_windows_and_long_rope_as_hf(family, change, length, family_config, tmp_path):
     """Each feature changes HF's logits (so it is exercised) and ours follow HF."""
     cfg = family_config(family)
@@ -113,9 +128,15 @@ def test_tied_head_and_overrides_as_hf(family_config, tmp_path):
     d = _save(cfg, tmp_path / "untied")
     src = SafetensorsSource(d)
     rng = np.random.default_rng(3)
-    swap = {n: (src.array(n) * rng.uniform(0.5, 1.5, src.info(n).shape)).astype(np.float32)
-            for n in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
-                      "model.embed_tokens.weight", "lm_head.weight")}
+    swap = {
+        n: (src.array(n) * rng.uniform(0.5, 1.5, src.info(n).shape)).astype(np.float32)
+        for n in (
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+        )
+    }
     asked = []
     got = list(logits(d, seqs, lambda n: asked.append(n) or swap.get(n)))
     for g, r in zip(got, _hf_logits(d, seqs, **swap), strict=True):
@@ -129,8 +150,11 @@ def test_parity_metrics_and_greedy_as_hf(family_model):
     d = family_model("qwen2")
     src = SafetensorsSource(d)
     rng = np.random.default_rng(4)
-    noisy = {n: (src.array(n) + 0.02 * rng.standard_normal(src.info(n).shape)).astype(np.float32)
-             for n in src.names() if n.endswith("proj.weight") or n == "lm_head.weight"}
+    noisy = {
+        n: (src.array(n) + 0.02 * rng.standard_normal(src.info(n).shape)).astype(np.float32)
+        for n in src.names()
+        if n.endswith("proj.weight") or n == "lm_head.weight"
+    }
     seqs = _seqs((12, 30, 2))
     res = parity(d, seqs, noisy)
     ref_f, ref_q = _hf_logits(d, seqs), _hf_logits(d, seqs, **noisy)
@@ -182,14 +206,28 @@ def test_parity_peak_memory_flat_in_layers(family_config, tmp_path):
     on 2 by less than one layer's fp32 weights (16.8 MB here): layers are not kept."""
     children, layer_bytes = {}, None
     for n in (2, 6):
-        cfg = LlamaConfig(**{**family_config("llama").to_diff_dict(), "hidden_size": 512,
-                             "intermediate_size": 2048, "num_hidden_layers": n,
-                             "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 64})
+        cfg = LlamaConfig(
+            **{
+                **family_config("llama").to_diff_dict(),
+                "hidden_size": 512,
+                "intermediate_size": 2048,
+                "num_hidden_layers": n,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 8,
+                "head_dim": 64,
+            }
+        )
         d = _save(cfg, tmp_path / f"l{n}")
         src = SafetensorsSource(d)
-        layer_bytes = sum(src.info(t).nbytes for t in src.names() if t.startswith("model.layers.0."))
-        children[n] = subprocess.Popen([sys.executable, "-c", _CHILD, str(d)], text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        layer_bytes = sum(
+            src.info(t).nbytes for t in src.names() if t.startswith("model.layers.0.")
+        )
+        children[n] = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(d)],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
     peaks = {}
     for n, child in children.items():  # both at once: most of each is importing torch
         out, err = child.communicate(timeout=300)
@@ -198,12 +236,15 @@ def test_parity_peak_memory_flat_in_layers(family_config, tmp_path):
         assert res["tokens"] == 3 * 31
         peaks[n] = res["hwm_kb"] * 1024
     assert layer_bytes > 16e6
-    print(f"peak RSS: 2 layers {peaks[2] / 1e6:.1f} MB, 6 layers {peaks[6] / 1e6:.1f} MB; "
-          f"a layer {layer_bytes / 1e6:.1f} MB")
+    print(
+        f"peak RSS: 2 layers {peaks[2] / 1e6:.1f} MB, 6 layers {peaks[6] / 1e6:.1f} MB; "
+        f"a layer {layer_bytes / 1e6:.1f} MB"
+    )
     assert peaks[6] - peaks[2] < layer_bytes, (peaks, layer_bytes)
 
 
 # -- sequential GPTQ -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def calib_rows(tiny_model, tiny_tokenizer):
@@ -220,8 +261,13 @@ def test_layer0_hessians_equal_collect_hessians(tiny_model, tiny_tokenizer, cali
     assert g.tokens == used
     ours = g.hessians(0)
     names = {n.removesuffix(".weight") for n in ours}
-    ref, ref_used = collect_hessians(load_model(tiny_model).eval(), tiny_tokenizer,
-                                     calibration_texts(tiny_tokenizer, None), names, 1024)
+    ref, ref_used = collect_hessians(
+        load_model(tiny_model).eval(),
+        tiny_tokenizer,
+        calibration_texts(tiny_tokenizer, None),
+        names,
+        1024,
+    )
     assert ref_used == used and len(ours) == 4
     for name, h in ours.items():
         r = ref[name.removesuffix(".weight")]
@@ -236,8 +282,10 @@ def test_sequential_gptq_beats_rtn(tiny_model, tiny_tokenizer, calib_rows):
     src = SafetensorsSource(tiny_model)
     lw = Layerwise(tiny_model)
     names = [n for i in range(lw.n_layers) for n in lw.linear_names(i)]
-    evals = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"]
-             for t in eval_texts(tiny_tokenizer, None, 12)]
+    evals = [
+        tiny_tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in eval_texts(tiny_tokenizer, None, 12)
+    ]
     deq = lambda q: np.ascontiguousarray(kernels.q4_dequantize(q).T)  # noqa: E731 (out, in)
     rtn = {n: deq(kernels.q4_quantize(src.array(n).T, 32, True)) for n in names}
     cfg = ExportConfig(algo="gptq", calib_tokens=1024)

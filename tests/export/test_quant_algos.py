@@ -33,8 +33,10 @@ def greedy_prompts(model, task_data, n=4):
     from edgetune.data import load_examples
     from edgetune.evaluate import split_example
 
-    return [model.encode(split_example(ex, model.render_chat)[0])
-            for ex in load_examples(task_data[1])[:n]]
+    return [
+        model.encode(split_example(ex, model.render_chat)[0])
+        for ex in load_examples(task_data[1])[:n]
+    ]
 
 
 def _fp32_table(bundle):
@@ -44,6 +46,7 @@ def _fp32_table(bundle):
 
 
 # -- the algorithms on their own ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_rtn_codes_pack_exactly_like_kernels(symmetric):
@@ -81,13 +84,19 @@ def test_hqq_and_gptq_lower_their_errors_below_rtn(symmetric):
     assert out_err(ao) < 0.8 * out_err(rtn)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--algo", "awq"], "algo must be one of rtn, hqq, gptq, got 'awq'"),
-    (["--quant", "int8", "--algo", "gptq"], "algo gptq chooses 4-bit blocks: it needs quant int4"),
-    (["--embedding", "int2"], "embedding must be one of fp32, int8, int4, got 'int2'"),
-    (["--algo", "gptq", "--calib-tokens", "0"], "calib tokens must be positive"),
-    (["--act-order"], "act order and calibration data apply to algo gptq only"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--algo", "awq"], "algo must be one of rtn, hqq, gptq, got 'awq'"),
+        (
+            ["--quant", "int8", "--algo", "gptq"],
+            "algo gptq chooses 4-bit blocks: it needs quant int4",
+        ),
+        (["--embedding", "int2"], "embedding must be one of fp32, int8, int4, got 'int2'"),
+        (["--algo", "gptq", "--calib-tokens", "0"], "calib tokens must be positive"),
+        (["--act-order"], "act order and calibration data apply to algo gptq only"),
+    ],
+)
 def test_bad_export_flags_are_one_line_errors(argv, message, capsys, tmp_path):
     assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "b"), *argv]) == 2
     err = capsys.readouterr().err
@@ -96,15 +105,21 @@ def test_bad_export_flags_are_one_line_errors(argv, message, capsys, tmp_path):
 
 def test_missing_calibration_file_is_a_config_error(merged_model, tmp_path):
     with pytest.raises(ConfigError, match="nope.jsonl: calibration data not found"):
-        export(merged_model, tmp_path / "b", ExportConfig(algo="gptq", calib_data=str(
-            tmp_path / "nope.jsonl")), log=lambda s: None)
+        export(
+            merged_model,
+            tmp_path / "b",
+            ExportConfig(algo="gptq", calib_data=str(tmp_path / "nope.jsonl")),
+            log=lambda s: None,
+        )
     assert not list(tmp_path.iterdir())
 
 
 # -- hqq / gptq bundles --------------------------------------------------------------------
 
+
 def test_hqq_and_gptq_bundles_meet_the_int4_bars_and_match_or_beat_rtn(
-        int4_bundle, hqq_bundle, gptq_bundle):
+    int4_bundle, hqq_bundle, gptq_bundle
+):
     rtn = report(int4_bundle)["quant_vs_fp32"]
     for bundle, algo, symmetric in ((hqq_bundle, "hqq", False), (gptq_bundle, "gptq", True)):
         rep = report(bundle)
@@ -128,8 +143,7 @@ def test_hqq_and_gptq_bundles_meet_the_int4_bars_and_match_or_beat_rtn(
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and "proj" in n.name]
 
 
-def test_hqq_and_gptq_bundles_decode_the_same_on_native_and_ort(hqq_bundle, gptq_bundle,
-                                                                 task_data):
+def test_hqq_and_gptq_bundles_decode_the_same_on_native_and_ort(hqq_bundle, gptq_bundle, task_data):
     cfg = SamplingConfig(max_new_tokens=20)  # one prompt each: native decoding is the slow part
     for bundle in (hqq_bundle, gptq_bundle):
         ort_m, nat = Model.load(bundle, backend="ort"), Model.load(bundle, backend="native")
@@ -139,17 +153,21 @@ def test_hqq_and_gptq_bundles_decode_the_same_on_native_and_ort(hqq_bundle, gptq
 
 # -- quantized embedding -------------------------------------------------------------------
 
+
 def test_int4_embedding_bundle_runs_in_ort_genai_and_native(emb4_bundle, int4_bundle, task_data):
     pytest.importorskip("onnxruntime_genai")
     model, types = ops(emb4_bundle)
     assert "GatherBlockQuantized" in types and "Gather" not in [
-        n.op_type for n in model.graph.node if "embed_tokens" in n.name]
+        n.op_type for n in model.graph.node if "embed_tokens" in n.name
+    ]
     assert "model.embed_tokens.weight" not in {i.name for i in model.graph.initializer}
     rep = report(emb4_bundle)
     assert rep["quantization"]["embedding"] == "int4"
     assert rep["quant_vs_fp32"]["top1_agreement"] >= 0.95
     assert abs(rep["quant_vs_fp32"]["ppl_change"]) <= 0.05
-    saved = report(int4_bundle)["file_bytes"]["model.onnx.data"] - rep["file_bytes"]["model.onnx.data"]
+    saved = (
+        report(int4_bundle)["file_bytes"]["model.onnx.data"] - rep["file_bytes"]["model.onnx.data"]
+    )
     assert saved >= 0.8 * 2048 * 256 * 4  # the fp32 table (2 MB) became 4-bit blocks
 
     ort_m, nat = Model.load(emb4_bundle, backend="ort"), Model.load(emb4_bundle, backend="native")
@@ -161,12 +179,14 @@ def test_int4_embedding_bundle_runs_in_ort_genai_and_native(emb4_bundle, int4_bu
         if i == 0:  # native decoding is the slow part
             assert list(nat.generate_ids(ids, cfg)) == want
     rows = np.array([0, 17, 2047])
-    ref = kernels.q4_dequantize(kernels.q4_quantize(np.ascontiguousarray(
-        _fp32_table(int4_bundle).T), 32, True)).T[rows]
+    ref = kernels.q4_dequantize(
+        kernels.q4_quantize(np.ascontiguousarray(_fp32_table(int4_bundle).T), 32, True)
+    ).T[rows]
     assert np.array_equal(nat.decoder.embed[rows], ref)  # the rows ORT's op dequantizes too
 
 
 # -- int8: 8-bit blocks (default) and ONNX Runtime dynamic quantization ---------------------
+
 
 def test_int8_blocks_meet_the_bars_and_run_natively(int8_bundle):
     model, types = ops(int8_bundle)
@@ -175,7 +195,9 @@ def test_int8_blocks_meet_the_bars_and_run_natively(int8_bundle):
     assert all([a.i for a in n.attribute if a.name == "bits"] == [8] for n in nbits)
     q = report(int8_bundle)["quant_vs_fp32"]
     assert q["top1_agreement"] >= 0.98 and abs(q["ppl_change"]) <= 0.02, q
-    assert json.loads((int8_bundle / "edgetune.json").read_text())["quantization"]["quant"] == "int8"
+    assert (
+        json.loads((int8_bundle / "edgetune.json").read_text())["quantization"]["quant"] == "int8"
+    )
     ids = np.array([[3, 17, 200, 45, 9, 1000, 12, 7]])
     lo, _ = Model.load(int8_bundle, backend="ort").decoder.forward(ids)
     ln, _ = Model.load(int8_bundle, backend="native").decoder.forward(ids)
@@ -200,7 +222,9 @@ def test_int8_dynamic_bundle_is_ort_dynamic_quantization(int8_dynamic_bundle, ta
 
     auto = Model.load(int8_dynamic_bundle)
     assert auto.backend == "ort"
-    with pytest.raises(BundleError, match=r"int8-dynamic bundle .*MatMulInteger.* ort backend only"):
+    with pytest.raises(
+        BundleError, match=r"int8-dynamic bundle .*MatMulInteger.* ort backend only"
+    ):
         Model.load(int8_dynamic_bundle, backend="native")
     pytest.importorskip("onnxruntime_genai")
     ids = greedy_prompts(auto, task_data, 1)[0]

@@ -53,16 +53,29 @@ def test_streamed_bundle_equals_optimum_export(family, family_model, tmp_path):
     ref = _optimum_bundle(model_dir, tmp_path / "optimum", cfg)
     path = _stream_bundle(model_dir, tmp_path / "stream", cfg)
     got = onnx.load(str(path))
-    q_ref = {i.name: numpy_helper.to_array(i) for i in ref.graph.initializer if i.name.endswith(("_Q4", "_Q8", "_scales"))}
-    q_got = {i.name: numpy_helper.to_array(i) for i in got.graph.initializer if i.name.endswith(("_Q4", "_Q8", "_scales"))}
+    q_ref = {
+        i.name: numpy_helper.to_array(i)
+        for i in ref.graph.initializer
+        if i.name.endswith(("_Q4", "_Q8", "_scales"))
+    }
+    q_got = {
+        i.name: numpy_helper.to_array(i)
+        for i in got.graph.initializer
+        if i.name.endswith(("_Q4", "_Q8", "_scales"))
+    }
     assert q_ref.keys() == q_got.keys() and len(q_ref) >= 2 * 4 * 2
     for name, arr in q_ref.items():
         assert np.array_equal(arr.reshape(-1), q_got[name].reshape(-1)), name
-    onnx.save_model(ref, str(tmp_path / "optimum" / "q.onnx"), save_as_external_data=True,
-                    location="q.onnx.data")
+    onnx.save_model(
+        ref,
+        str(tmp_path / "optimum" / "q.onnx"),
+        save_as_external_data=True,
+        location="q.onnx.data",
+    )
     ids = list(range(5, 45))
     assert _greedy(OrtDecoder(str(path)), ids, 12) == _greedy(
-        OrtDecoder(str(tmp_path / "optimum" / "q.onnx")), ids, 12)
+        OrtDecoder(str(tmp_path / "optimum" / "q.onnx")), ids, 12
+    )
 
 
 def test_fp32_graph_equals_pytorch_past_longrope_switch(family_model, tmp_path):
@@ -93,6 +106,7 @@ def test_external_data_is_aligned_for_memory_mapping(int4_bundle):
 
 # -- bad input -------------------------------------------------------------------------------
 
+
 def _copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -100,7 +114,9 @@ def _copy_model(src, dst):
 
 def _nothing_left(out):
     assert not out.exists()
-    assert not out.parent.exists() or not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+    assert not out.parent.exists() or not [
+        p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")
+    ]
 
 
 def test_truncated_safetensors_is_named(family_model, tmp_path):
@@ -115,8 +131,13 @@ def test_truncated_safetensors_is_named(family_model, tmp_path):
 
 def test_missing_shard_is_named(family_model, tmp_path):
     d = _copy_model(family_model("llama"), tmp_path / "m")
-    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors",
-                                            "model.norm.weight": "model.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            "lm_head.weight": "model-00002-of-00002.safetensors",
+            "model.norm.weight": "model.safetensors",
+        },
+    }
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     out = tmp_path / "out" / "bundle"
     with pytest.raises(ModelError, match="model-00002-of-00002.safetensors.*missing"):
@@ -130,7 +151,9 @@ def test_wrong_shape_names_the_tensor(family_model, tmp_path):
     cfg["intermediate_size"] = 96
     (d / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out" / "bundle"
-    with pytest.raises(ModelError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*\[128, 64\].*\[96, 64\]"):
+    with pytest.raises(
+        ModelError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*\[128, 64\].*\[96, 64\]"
+    ):
         export(d, out, log=lambda s: None)
     _nothing_left(out)
 
@@ -182,11 +205,16 @@ def test_safetensors_header_damage_is_named(tmp_path):
 
 # -- memory ----------------------------------------------------------------------------------
 
+
 def _export_peak(model_dir, out, eval_txt, q):
     from edgetune.bench import peak_rss_bytes
 
-    export(model_dir, out, ExportConfig(eval_data=str(eval_txt), report_tokens=2, report_ort_bytes=0),
-           log=lambda s: None)
+    export(
+        model_dir,
+        out,
+        ExportConfig(eval_data=str(eval_txt), report_tokens=2, report_ort_bytes=0),
+        log=lambda s: None,
+    )
     q.put(peak_rss_bytes() / 2**20)
 
 
@@ -198,12 +226,22 @@ def test_export_peak_memory_is_flat_in_depth(tmp_path):
     from edgetune.bench.random_model import make_random_model
 
     eval_txt = tmp_path / "eval.txt"
-    eval_txt.write_text("\n\n".join(f"paragraph {i}: " + "words and more words " * 8 for i in range(4)))
+    eval_txt.write_text(
+        "\n\n".join(f"paragraph {i}: " + "words and more words " * 8 for i in range(4))
+    )
     ctx = mp.get_context("spawn")
     peaks = {}
     for layers in (2, 6):
-        src = make_random_model(tmp_path / f"m{layers}", layers, hidden=1024, intermediate=4096,
-                                heads=8, kv_heads=8, vocab=4096, family="llama")
+        src = make_random_model(
+            tmp_path / f"m{layers}",
+            layers,
+            hidden=1024,
+            intermediate=4096,
+            heads=8,
+            kv_heads=8,
+            vocab=4096,
+            family="llama",
+        )
         q = ctx.Queue()
         p = ctx.Process(target=_export_peak, args=(src, tmp_path / f"b{layers}", eval_txt, q))
         p.start()
@@ -216,8 +254,9 @@ def test_export_peak_memory_is_flat_in_depth(tmp_path):
 def test_chunked_tensor_must_fill_its_shape(tmp_path):
     """A tensor written from chunks gets exactly its shape's bytes, or a clear error."""
     w = ExternalDataWriter(tmp_path / "x.data")
-    t = w.chunked("table", (4, 1 << 14), np.float32, (np.full((1, 1 << 14), i, np.float32)
-                                                      for i in range(4)))
+    t = w.chunked(
+        "table", (4, 1 << 14), np.float32, (np.full((1, 1 << 14), i, np.float32) for i in range(4))
+    )
     with pytest.raises(EdgetuneError, match="tensor short got .* needs"):
         w.chunked("short", (4, 1 << 14), np.float32, [np.zeros((3, 1 << 14), np.float32)])
     w.close()
@@ -232,8 +271,9 @@ def test_parity_report_scores_at_most_eval_tokens(family_model, tmp_path):
 
     assert budget([[1] * 5, [2] * 5, [3] * 5], 8) == [[1] * 5, [2] * 3]
     assert budget([[1], [2] * 4], 3) == [[2] * 3]  # a 1-token text scores nothing
-    out = export(family_model("llama"), tmp_path / "b", ExportConfig(eval_tokens=40),
-                 log=lambda s: None)
+    out = export(
+        family_model("llama"), tmp_path / "b", ExportConfig(eval_tokens=40), log=lambda s: None
+    )
     report = json.loads((out / "report.json").read_text())
     # positions scored = tokens - 1 per text, all texts together within the budget
     assert 0 < report["quant_vs_fp32"]["tokens"] <= 40 - report["eval_texts"]

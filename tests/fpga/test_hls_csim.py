@@ -22,10 +22,16 @@ def vectors(k, n, block, symmetric, seed):
     return layer, act, y, codes, absmax, fx.nf4_dequant_fixed(codes, absmax)
 
 
-@pytest.mark.parametrize("k, n, block, symmetric", [
-    (64, 8, 32, True), (256, 24, 64, False), (512, 16, 128, True), (96, 5, 16, False),
-    (256, 4, 256, True),
-])
+@pytest.mark.parametrize(
+    "k, n, block, symmetric",
+    [
+        (64, 8, 32, True),
+        (256, 24, 64, False),
+        (512, 16, 128, True),
+        (96, 5, 16, False),
+        (256, 4, 256, True),
+    ],
+)
 def test_csim_bit_exact(tmp_path, k, n, block, symmetric):
     layer, act, y, codes, absmax, nf4 = vectors(k, n, block, symmetric, seed=k + n)
     run = hls.csim(tmp_path, hls.tb_vectors(layer, act, y, codes, absmax, nf4))
@@ -46,7 +52,7 @@ def test_golden_model_tracks_float_result():
     w = kernels.q4_quantize(rng.standard_normal((512, 32)).astype(np.float32), 32)
     x = rng.standard_normal(512).astype(np.float32)
     got = fx.q4q8_gemv_fixed(fx.fixed_layer(w), fx.fixed_activation(x, 32)) / 2.0**fx.OUT_FRAC
-    want = kernels.reference.q4q8_gemm(x[None], w)[0]
+    want = kernels.reference.q4_q8_gemm(x[None], w)[0]
     assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
 
 
@@ -67,16 +73,51 @@ def test_fpga_export_of_the_quickstart_model(merged_model, tmp_path):
     import sys
 
     out = tmp_path / "hls"
-    r = subprocess.run([sys.executable, "-m", "edgetune.cli", "export", str(merged_model),
-                        "--target", "fpga", "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgetune.cli",
+            "export",
+            str(merged_model),
+            "--target",
+            "fpga",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
-    for name in ("hls/q4q8_gemv.h", "hls/top.cpp", "hls/config.h", "run_hls.tcl", "fpga.json",
-                 "README.md", "tb_layer0.cpp"):
+    for name in (
+        "hls/q4q8_gemv.h",
+        "hls/top.cpp",
+        "hls/config.h",
+        "run_hls.tcl",
+        "fpga.json",
+        "README.md",
+        "tb_layer0.cpp",
+    ):
         assert (out / name).is_file(), name
     tb = out / "tb"
-    build = subprocess.run(["g++", "-std=c++14", "-O1", "-I", str(hls.ap_types_dir()), "-I",
-                            str(out / "hls"), "-I", str(out), str(out / "tb_layer0.cpp"), "-o",
-                            str(tb)], capture_output=True, text=True)
+    build = subprocess.run(
+        [
+            "g++",
+            "-std=c++14",
+            "-O1",
+            "-I",
+            str(hls.ap_types_dir()),
+            "-I",
+            str(out / "hls"),
+            "-I",
+            str(out),
+            str(out / "tb_layer0.cpp"),
+            "-o",
+            str(tb),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     run = subprocess.run([str(tb)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "PASS: 0 mismatches" in run.stdout, run.stdout
@@ -99,8 +140,9 @@ def test_cpu_integer_mode_equals_golden(block, symmetric):
     layer = fx.fixed_layer(w)
     act = fx.fixed_activation(rng.standard_normal(512).astype(np.float32), block)
     ws_fx, ws_frac = fx.fixed_scales(w)
-    np.testing.assert_array_equal(fx.q4q8_gemv_fixed_fast(w, ws_fx, ws_frac, act),
-                                  fx.q4q8_gemv_fixed(layer, act))
+    np.testing.assert_array_equal(
+        fx.q4q8_gemv_fixed_fast(w, ws_fx, ws_frac, act), fx.q4q8_gemv_fixed(layer, act)
+    )
 
 
 def test_fpga_export_from_a_bundle_uses_its_int4_weights(int4_bundle, tmp_path):
@@ -114,8 +156,23 @@ def test_fpga_export_from_a_bundle_uses_its_int4_weights(int4_bundle, tmp_path):
     mem = read_mem(out / "weights" / "model_layers_0_self_attn_o_proj.w.mem")
     assert mem == shipped.q4.packed.tobytes()
     tb = tmp_path / "tb"
-    subprocess.run(["g++", "-std=c++14", "-O1", "-I", str(hls.ap_types_dir()), "-I",
-                    str(out / "hls"), "-I", str(out), str(out / "tb_layer0.cpp"), "-o", str(tb)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "g++",
+            "-std=c++14",
+            "-O1",
+            "-I",
+            str(hls.ap_types_dir()),
+            "-I",
+            str(out / "hls"),
+            "-I",
+            str(out),
+            str(out / "tb_layer0.cpp"),
+            "-o",
+            str(tb),
+        ],
+        check=True,
+        capture_output=True,
+    )
     run = subprocess.run([str(tb)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.count("bit-exact") == 4, run.stdout

@@ -15,18 +15,19 @@ FAST = [b for b in ("cython", "numba") if b in kernels.available_backends()]
 def use_backend(monkeypatch):
     def set_backend(name):
         monkeypatch.setenv("EDGETUNE_KERNELS", name)
+
     return set_backend
 
 
 def test_forced_backend_restores_the_previous_choice(monkeypatch):
     monkeypatch.setenv("EDGETUNE_KERNELS", "numba")
     with kernels.forced_backend("reference"):
-        assert kernels.backend("q4_gemm") == "reference"
-    assert kernels.backend("q4_gemm") == "numba"
+        assert kernels.backend("q4_f32_gemm") == "reference"
+    assert kernels.backend("q4_f32_gemm") == "numba"
     monkeypatch.delenv("EDGETUNE_KERNELS")
     with kernels.forced_backend("numba"):
-        assert kernels.backend("q4_gemm") == "numba"
-    assert kernels.backend("q4_gemm") == "cython"
+        assert kernels.backend("q4_f32_gemm") == "numba"
+    assert kernels.backend("q4_f32_gemm") == "cython"
 
 
 def test_all_backends_built():
@@ -98,27 +99,20 @@ def test_dequantize_beyond_the_cache_bit_exact(offset):
 
 
 @pytest.mark.parametrize("backend", FAST)
-@settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 40), cols=st.sampled_from([2, 6, 64, 100, 320]), seed=st.integers(0, 99))
-def test_nf4_dequantize_bit_exact(backend, rows, cols, seed):
-    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
-    t = kernels.nf4_quantize(w)
-    with kernels.forced_backend(backend):
-        got = kernels.nf4_dequantize(t)
-    np.testing.assert_array_equal(got, ref.nf4_dequantize(t))
-
-
-@pytest.mark.parametrize("backend", FAST)
-@settings(max_examples=25, deadline=None)
-@given(block=st.sampled_from(kernels.Q4_BLOCK_SIZES), kb=st.integers(1, 4), n=st.integers(1, 48),
-       symmetric=st.booleans(), seed=st.integers(0, 99))
-def test_q4_dequantize_bit_exact(backend, block, kb, n, symmetric, seed):
+@settings(max_examples=10, deadline=None)
+@given(
+    block=st.sampled_from(kernels.Q4_BLOCK_SIZES),
+    kb=st.integers(1, 4),
+    n=st.integers(1, 48),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 99),
+)
+def test_q4_dequantize_into_a_transposed_buffer_bit_exact(backend, block, kb, n, symmetric, seed):
+    # (the plain call of every dequantization kernel: test_traits.test_dequantize_bit_exact)
     b = np.random.default_rng(seed).standard_normal((block * kb, n)).astype(np.float32)
     q = kernels.q4_quantize(b, block, symmetric)
     with kernels.forced_backend(backend):
-        got = kernels.q4_dequantize(q)
         into = kernels.q4_dequantize(q, np.empty((n, block * kb), np.float32).T)
-    np.testing.assert_array_equal(got, ref.q4_dequantize(q))
     np.testing.assert_array_equal(into, ref.q4_dequantize(q))
 
 
@@ -131,26 +125,6 @@ def test_q4_golden_block():
     np.testing.assert_array_equal(ref.q4_dequantize(q)[:, 0], col)
 
 
-@pytest.mark.parametrize("backend", FAST)
-@settings(max_examples=20, deadline=None)
-@given(block=st.sampled_from(kernels.Q4_BLOCK_SIZES), kb=st.integers(1, 3), n=st.integers(1, 40),
-       m=st.integers(1, 9), symmetric=st.booleans(), threads=st.sampled_from([1, 2]),
-       seed=st.integers(0, 99))
-def test_q4_gemm_within_1e5_of_reference(backend, block, kb, n, m, symmetric, threads, seed):
-    rng = np.random.default_rng(seed)
-    b = rng.standard_normal((block * kb, n)).astype(np.float32)
-    x = rng.standard_normal((m, block * kb)).astype(np.float32)
-    q = kernels.q4_quantize(b, block, symmetric)
-    with kernels.forced_backend(backend):
-        got = kernels.q4_gemm(x, q, threads=threads)
-        got8 = kernels.q4q8_gemm(x, q, threads=threads)
-    want, want8 = ref.q4_gemm(x, q), ref.q4q8_gemm(x, q)
-    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.q4_dequantize(q)).max() + 1e-30
-    # bound relative to the magnitude of the terms summed (cancellation-safe)
-    assert np.all(np.abs(got - want) <= 1e-5 * scale)
-    assert np.all(np.abs(got8 - want8) <= 1e-5 * scale)
-
-
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("block", [16, 32, 128])
 def test_q4_packing_runs_in_onnxruntime_matmulnbits(symmetric, block):
@@ -161,53 +135,40 @@ def test_q4_packing_runs_in_onnxruntime_matmulnbits(symmetric, block):
     k, n = 256, 40
     b = rng.standard_normal((k, n)).astype(np.float32)
     q = kernels.q4_quantize(b, block, symmetric)
-    inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales.reshape(-1), "S")]
+    inits = [
+        numpy_helper.from_array(q.packed, "B"),
+        numpy_helper.from_array(q.scales.reshape(-1), "S"),
+    ]
     names = ["A", "B", "S"]
     if q.zero_points is not None:
         inits.append(numpy_helper.from_array(q.zero_points.reshape(-1), "Z"))
         names.append("Z")
-    node = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
-                            block_size=block, accuracy_level=0)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [3, k])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "MatMulNBits",
+        names,
+        ["Y"],
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block,
+        accuracy_level=0,
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, n])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((3, k)).astype(np.float32)
     got = sess.run(None, {"A": x})[0]
-    want = ref.q4_gemm(x, q)
+    want = ref.q4_f32_gemm(x, q)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
-
-
-@pytest.mark.parametrize("backend", FAST)
-@settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 40), k=st.sampled_from([30, 64, 100, 192, 512]), m=st.integers(1, 9),
-       threads=st.sampled_from([1, 2]), seed=st.integers(0, 99))
-def test_nf4_gemv_within_1e5_of_reference(backend, n, k, m, threads, seed):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    t = kernels.nf4_quantize(w)
-    with kernels.forced_backend(backend):
-        got = kernels.nf4_gemv(x, t, threads=threads)
-    want = ref.nf4_gemv(x, t)
-    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.nf4_dequantize(t)).max() + 1e-30
-    assert got.shape == (m, n) and np.all(np.abs(got - want) <= 1e-5 * scale)
-
-
-@pytest.mark.parametrize("backend", FAST)
-@settings(max_examples=15, deadline=None)
-@given(block=st.sampled_from(kernels.Q4_BLOCK_SIZES), kb=st.integers(1, 3), n=st.integers(1, 40),
-       m=st.integers(1, 9), threads=st.sampled_from([1, 2]), seed=st.integers(0, 99))
-def test_q8w_gemm_within_1e5_of_reference(backend, block, kb, n, m, threads, seed):
-    rng = np.random.default_rng(seed)
-    codes, scales = kernels.q8_weight_quantize(rng.standard_normal((block * kb, n)).astype(np.float32), block)
-    x = rng.standard_normal((m, block * kb)).astype(np.float32)
-    with kernels.forced_backend(backend):
-        got = kernels.q8w_gemm(x, codes, scales, threads=threads)
-    want = ref.q8w_gemm(x, codes, scales)
-    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.q8_weight_dequantize(codes, scales)).max()
-    assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30)
 
 
 def test_nf4_gemv_golden_block():
@@ -219,7 +180,7 @@ def test_nf4_gemv_golden_block():
     x[0, 16] = 3.0  # picks code 0 (-1.0) x absmax 2, three times
     for backend in FAST:
         with kernels.forced_backend(backend):
-            assert kernels.nf4_gemv(x, t)[0, 0] == 2.0 - 6.0
+            assert kernels.nf4_f32_gemv(x, t)[0, 0] == 2.0 - 6.0
 
 
 def test_nf4_int8_code_book():
@@ -229,23 +190,6 @@ def test_nf4_int8_code_book():
     np.testing.assert_array_equal(ref.NF4_CODE_I8, want)
     assert ref.NF4_CODE_I8.dtype == np.int8 and np.abs(ref.NF4_CODE_I8.astype(int)).max() == 127
     np.testing.assert_array_equal(np.sign(ref.NF4_CODE_I8), np.sign(np.arange(16) - 7))
-
-
-@pytest.mark.parametrize("backend", FAST)
-@settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 40), kb=st.integers(1, 5), m=st.integers(1, 9),
-       threads=st.sampled_from([1, 2]), seed=st.integers(0, 99))
-def test_nf4_q8_gemv_matches_integer_reference(backend, n, kb, m, threads, seed):
-    rng = np.random.default_rng(seed)
-    k = 64 * kb
-    t = kernels.nf4_quantize(rng.standard_normal((n, k)).astype(np.float32))
-    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10, (m, 1))).astype(np.float32)
-    with kernels.forced_backend(backend):
-        got = kernels.nf4_q8_gemv(x, t, threads=threads)
-    want = ref.nf4_q8_gemv(x, t)
-    # the int32 block sums are exact; only the float scaling and summation order differ
-    scale = np.abs(x).sum(axis=1, keepdims=True) * np.abs(ref.nf4_dequantize(t)).max() + 1e-30
-    assert got.shape == (m, n) and np.all(np.abs(got - want) <= 1e-6 * scale)
 
 
 def test_nf4_q8_gemv_golden_block():
@@ -269,32 +213,8 @@ def test_nf4_q8_gemv_close_to_exact_nf4():
     rng = np.random.default_rng(11)
     t = kernels.nf4_quantize(rng.standard_normal((48, 512)).astype(np.float32))
     x = rng.standard_normal((3, 512)).astype(np.float32)
-    got, exact = kernels.nf4_q8_gemv(x, t), kernels.nf4_gemv(x, t)
+    got, exact = kernels.nf4_q8_gemv(x, t), kernels.nf4_f32_gemv(x, t)
     assert np.linalg.norm(got - exact) <= 0.02 * np.linalg.norm(exact)
-
-
-@pytest.mark.parametrize("kernel", ["q4_gemm", "q4q8_gemm", "nf4_gemv", "nf4_q8_gemv", "q8w_gemm"])
-def test_c_portable_path_matches_the_spec(kernel):
-    # the C core's scalar fallback (CPUs without AVX2) is a separate code path: same results
-    C = pytest.importorskip("edgetune.kernels._ckernels")
-    rng = np.random.default_rng(12)
-    k, n, m = 128, 9, 3
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    q = kernels.q4_quantize(rng.standard_normal((k, n)).astype(np.float32), 32, symmetric=False)
-    t = kernels.nf4_quantize(rng.standard_normal((n, k)).astype(np.float32))
-    nf4 = (t.packed, t.absmax_q, t.absmax_scale, t.absmax_offset, ref.DYNAMIC_MAP)
-    codes, scales = kernels.q8_weight_quantize(rng.standard_normal((k, n)).astype(np.float32), 32)
-    args, want = {
-        "q4_gemm": ((q.packed, q.scales, q.zp_values), ref.q4_gemm(x, q)),
-        "q4q8_gemm": ((q.packed, q.scales, q.zp_values), ref.q4q8_gemm(x, q)),
-        "nf4_gemv": ((*nf4, ref.NF4_CODE), ref.nf4_gemv(x, t)),
-        "nf4_q8_gemv": ((*nf4, ref.NF4_CODE_I8), ref.nf4_q8_gemv(x, t)),
-        "q8w_gemm": ((codes, scales), ref.q8w_gemm(x, codes, scales)),
-    }[kernel]
-    for simd in (False, True):
-        out = np.empty((m, n), np.float32)
-        getattr(C, kernel)(x, *args, out, 2, simd)
-        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_q8_activation_codes_bit_exact():
@@ -313,7 +233,7 @@ def test_q8_activation_codes_bit_exact():
         np.testing.assert_array_equal(xs, want_s)
 
 
-def test_q4q8_golden_block_integer_sum():
+def test_q4_q8_golden_block_integer_sum():
     # hand-built block: codes 0..15 twice (q - 8 = -8..7), activations all equal to their
     # block max, so xq = 127 everywhere: the int32 block sum is 127 * 2 * sum(-8..7) = -2032
     codes = np.tile(np.arange(16, dtype=np.uint8), 4)  # 64 values = 2 blocks of 32
@@ -324,17 +244,17 @@ def test_q4q8_golden_block_integer_sum():
     want = np.float32(-2032) * xs * np.float32(1.0) + np.float32(-2032) * xs * np.float32(0.5)
     for backend in FAST:
         with kernels.forced_backend(backend):
-            got = kernels.q4q8_gemm(x, w)[0, 0]
+            got = kernels.q4_q8_gemm(x, w)[0, 0]
         assert abs(got - want) <= 1e-6 * abs(want)
-    assert ref.q4q8_gemm(x, w)[0, 0] == pytest.approx(want, rel=1e-6)
+    assert ref.q4_q8_gemm(x, w)[0, 0] == pytest.approx(want, rel=1e-6)
 
 
-def test_q4q8_integer_gemm_close_to_float():
+def test_q4_q8_integer_gemm_close_to_float():
     rng = np.random.default_rng(4)
     b = rng.standard_normal((128, 16)).astype(np.float32)
     x = rng.standard_normal((2, 128)).astype(np.float32)
     q = ref.q4_quantize(b, 32)
-    got, want = ref.q4q8_gemm(x, q), ref.q4_gemm(x, q)
+    got, want = ref.q4_q8_gemm(x, q), ref.q4_f32_gemm(x, q)
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
 
@@ -352,11 +272,11 @@ def test_q4_0_conversion_keeps_values():
 def test_boundary_checks_raise_value_error(use_backend):
     good = kernels.q4_quantize(np.ones((64, 4), np.float32), 32)
     with pytest.raises(ValueError, match="float32"):
-        kernels.q4_gemm(np.ones((1, 64), np.float64), good)
+        kernels.q4_f32_gemm(np.ones((1, 64), np.float64), good)
     with pytest.raises(ValueError, match="K=32"):
-        kernels.q4_gemm(np.ones((1, 32), np.float32), good)
+        kernels.q4_f32_gemm(np.ones((1, 32), np.float32), good)
     with pytest.raises(ValueError, match="contiguous"):
-        kernels.q4_gemm(np.ones((64, 2), np.float32).T, good)
+        kernels.q4_f32_gemm(np.ones((64, 2), np.float32).T, good)
     with pytest.raises(ValueError, match="block"):
         kernels.q4_quantize(np.ones((48, 4), np.float32), 32)
     with pytest.raises(ValueError, match="NaN"):
@@ -370,14 +290,16 @@ def test_boundary_checks_raise_value_error(use_backend):
     with pytest.raises(ValueError, match="inconsistent"):
         kernels.nf4_dequantize(broken)
     with pytest.raises(ValueError, match="inconsistent"):
-        kernels.nf4_gemv(np.ones((1, 128), np.float32), broken)
+        kernels.nf4_f32_gemv(np.ones((1, 128), np.float32), broken)
     w2 = kernels.nf4_quantize(np.ones((4, 128), np.float32))
     with pytest.raises(ValueError, match="does not match"):
-        kernels.nf4_gemv(np.ones((1, 64), np.float32), w2)
+        kernels.nf4_f32_gemv(np.ones((1, 64), np.float32), w2)
     with pytest.raises(ValueError, match="float32"):
-        kernels.nf4_gemv(np.ones((1, 128), np.float64), w2)
+        kernels.nf4_f32_gemv(np.ones((1, 128), np.float64), w2)
     with pytest.raises(ValueError, match="multiple of 64"):
-        kernels.nf4_q8_gemv(np.ones((1, 96), np.float32), kernels.nf4_quantize(np.ones((2, 96), np.float32)))
+        kernels.nf4_q8_gemv(
+            np.ones((1, 96), np.float32), kernels.nf4_quantize(np.ones((2, 96), np.float32))
+        )
     with pytest.raises(ValueError, match="inconsistent"):
         kernels.nf4_q8_gemv(np.ones((1, 128), np.float32), broken)
     use_backend("fortran")
@@ -411,7 +333,9 @@ def test_nf4_matches_bitsandbytes(seed):
     x = (absmax - np.float32(offset)) / t.absmax_scale[np.arange(absmax.size) // 256]
     m = ref.DYNAMIC_MAP
     assert np.all(np.abs(x - m[t.absmax_q])[differ] <= np.abs(x - m[theirs])[differ])
-    bnb_state = kernels.NF4Tensor(t.packed, theirs.astype(np.uint8),
-                                  state.state2.absmax.numpy(), offset, tuple(w.shape))
-    np.testing.assert_array_equal(kernels.nf4_dequantize(bnb_state),
-                                  F.dequantize_4bit(q, state).numpy())
+    bnb_state = kernels.NF4Tensor(
+        t.packed, theirs.astype(np.uint8), state.state2.absmax.numpy(), offset, tuple(w.shape)
+    )
+    np.testing.assert_array_equal(
+        kernels.nf4_dequantize(bnb_state), F.dequantize_4bit(q, state).numpy()
+    )

@@ -10,8 +10,10 @@ from edgetune.runtime import Model, PromptError
 
 
 def test_runtime_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; import edgetune.runtime, edgetune.kernels; "
-            "assert 'transformers' not in sys.modules")
+    code = (
+        "import sys; sys.modules['torch'] = None; import edgetune.runtime, edgetune.kernels; "
+        "assert 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -23,16 +25,22 @@ def test_greedy_tokens_equal_pytorch(fp32_bundle, merged_model, tiny_tokenizer):
     m = Model.load(fp32_bundle, threads=1)
     msgs = [{"role": "user", "content": "dim the office lights to 40% at 7pm"}]
     prompt = m.render_chat(msgs)
-    assert prompt == tiny_tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                        add_generation_prompt=True)
+    assert prompt == tiny_tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    )
     ids = m.encode(prompt)
     from edgetune.runtime import SamplingConfig
 
     ours = list(m.generate_ids(ids, SamplingConfig(max_new_tokens=24)))
     model = load_model(merged_model).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                             eos_token_id=m.eos_ids, pad_token_id=0)[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=m.eos_ids,
+            pad_token_id=0,
+        )[0, len(ids) :].tolist()
     if out and out[-1] in m.eos_ids:
         out = out[:-1]
     assert ours == out
@@ -55,7 +63,7 @@ def test_stop_strings_cut_the_text(int4_bundle):
     full = m.generate(prompt, max_new_tokens=30)
     assert '"room"' in full
     cut = m.generate(prompt, max_new_tokens=30, stop=('"room"',))
-    assert cut == full[:full.index('"room"')]
+    assert cut == full[: full.index('"room"')]
 
 
 def test_bad_prompts_fail_clearly(int4_bundle):
@@ -154,10 +162,10 @@ def test_fit_chat_drops_the_oldest_turns(int4_bundle):
         msgs += [{"role": "user", "content": long}, {"role": "assistant", "content": f"ok {i}"}]
     msgs.append({"role": "user", "content": "lock the garage door"})
     kept, dropped = m.fit_chat(msgs, reserve=64)
-    assert kept[0] == system and kept[-1] == msgs[-1] and kept == [system] + msgs[1 + dropped:]
+    assert kept[0] == system and kept[-1] == msgs[-1] and kept == [system] + msgs[1 + dropped :]
     assert dropped > 0 and dropped % 2 == 0  # whole (user, assistant) turns
     assert len(m.encode(m.render_chat(kept))) + 64 <= m.context_length
-    assert len(m.encode(m.render_chat([system] + msgs[dropped - 1:]))) + 64 > m.context_length
+    assert len(m.encode(m.render_chat([system] + msgs[dropped - 1 :]))) + 64 > m.context_length
     assert m.fit_chat(msgs[-1:], reserve=64) == (msgs[-1:], 0)
     with pytest.raises(PromptError, match="too long"):
         m.fit_chat([{"role": "user", "content": "word " * 2000}])

@@ -42,11 +42,16 @@ def tied_model(tmp_path_factory, family_config, tiny_model):
                         p.uniform_(0.8, 1.2)
             d = tmp_path_factory.mktemp(f"tied-{family}")
             model.save_pretrained(d)
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                         "chat_template.jinja"):
+            for name in (
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "chat_template.jinja",
+            ):
                 shutil.copy(tiny_model / name, d / name)
             made[family] = d, model
         return made[family]
+
     return make
 
 
@@ -61,10 +66,14 @@ def tied_bundle(tmp_path_factory, tied_model):
         key = family, quant, embedding
         if key not in made:
             out = tmp_path_factory.mktemp("tied") / "-".join(key)
-            made[key] = export(tied_model(family)[0], out,
-                               ExportConfig(quant=quant, embedding=embedding, report_tokens=2),
-                               log=lambda s: None)
+            made[key] = export(
+                tied_model(family)[0],
+                out,
+                ExportConfig(quant=quant, embedding=embedding, report_tokens=2),
+                log=lambda s: None,
+            )
         return made[key]
+
     return make
 
 
@@ -85,9 +94,17 @@ def test_tied_fp32_bundle_decodes_as_pytorch_on_both_backends(family, tied_model
     want = []
     with torch.no_grad():
         for p in PROMPTS:
-            out = tied_model(family)[1].generate(
-                torch.tensor([p]), max_new_tokens=CFG.max_new_tokens, do_sample=False,
-                eos_token_id=native.eos_ids, pad_token_id=1)[0, len(p):].tolist()
+            out = (
+                tied_model(family)[1]
+                .generate(
+                    torch.tensor([p]),
+                    max_new_tokens=CFG.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=native.eos_ids,
+                    pad_token_id=1,
+                )[0, len(p) :]
+                .tolist()
+            )
             want.append(out[:-1] if out and out[-1] in native.eos_ids else out)
     assert len({t for w in want for t in w}) > 16  # decodes text, not one repeated token
     assert greedy(native) == want
@@ -104,8 +121,9 @@ def test_tied_fp32_bundle_decodes_as_pytorch_on_both_backends(family, tied_model
     assert peak < head.nbytes / 8
 
 
-@pytest.mark.parametrize("family,embedding", [("qwen2", "fp32"), ("qwen2", "int8"),
-                                              ("qwen2", "int4"), ("llama", "int4")])
+@pytest.mark.parametrize(
+    "family,embedding", [("qwen2", "fp32"), ("qwen2", "int8"), ("qwen2", "int4"), ("llama", "int4")]
+)
 def test_tied_int4_bundle_decodes_as_ort(family, embedding, tied_bundle):
     bundle = tied_bundle(family, "int4", embedding)
     native = Model.load(bundle, backend="native")
@@ -125,29 +143,54 @@ def _with_int8_head(bundle, out):
     model = onnx.load(str(bundle / "model.onnx"))
     graph = model.graph
     head = next((n for n in graph.node if n.op_type == "MatMul" and n.output[0] == "logits"), None)
-    transpose = next((n for n in graph.node if head and n.output[0] == head.input[1]
-                      and n.op_type == "Transpose"), None)
+    transpose = next(
+        (
+            n
+            for n in graph.node
+            if head and n.output[0] == head.input[1] and n.op_type == "Transpose"
+        ),
+        None,
+    )
     if transpose is None:  # the exporter writes an explicit head already
         return bundle
     shutil.copytree(bundle, out)
     for name in ("model.onnx.data", MANIFEST):
         (out / name).unlink()
-    table = next(numpy_helper.to_array(t) for t in graph.initializer
-                 if t.name == transpose.input[0])
+    table = next(
+        numpy_helper.to_array(t) for t in graph.initializer if t.name == transpose.input[0]
+    )
     vocab, hidden = table.shape
     codes, scales = kernels.q8_weight_quantize(np.ascontiguousarray(table.T), 32)
-    graph.initializer.extend([numpy_helper.from_array(codes, "lm_head.weight_Q8"),
-                              numpy_helper.from_array(scales.reshape(-1), "lm_head.weight_scales")])
-    new = helper.make_node("MatMulNBits", [head.input[0], "lm_head.weight_Q8",
-                                           "lm_head.weight_scales"], list(head.output),
-                           name="/lm_head/MatMul_Q8", domain="com.microsoft", K=hidden, N=vocab,
-                           bits=8, block_size=32, accuracy_level=4)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(codes, "lm_head.weight_Q8"),
+            numpy_helper.from_array(scales.reshape(-1), "lm_head.weight_scales"),
+        ]
+    )
+    new = helper.make_node(
+        "MatMulNBits",
+        [head.input[0], "lm_head.weight_Q8", "lm_head.weight_scales"],
+        list(head.output),
+        name="/lm_head/MatMul_Q8",
+        domain="com.microsoft",
+        K=hidden,
+        N=vocab,
+        bits=8,
+        block_size=32,
+        accuracy_level=4,
+    )
     at = list(graph.node).index(head)
     graph.node.remove(head)
     graph.node.remove(transpose)
     graph.node.insert(at - 1, new)
-    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(out / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
     manifest = read_manifest(bundle)
     write_manifest(out, {k: v for k, v in manifest.items() if k not in ("files", "format_version")})
     return out
@@ -161,8 +204,9 @@ def test_tied_bundle_with_an_explicit_int8_head_decodes_as_ort(tied_bundle, tmp_
 
 
 @pytest.mark.parametrize("embedding,bound", [("fp32", 1e-5), ("int8", 1e-5), ("int4", 0.02)])
-def test_embedding_table_is_the_head_when_the_graph_has_none(embedding, bound, tied_bundle,
-                                                            monkeypatch):
+def test_embedding_table_is_the_head_when_the_graph_has_none(
+    embedding, bound, tied_bundle, monkeypatch
+):
     """With no head in the graph the native backend multiplies by the table as stored (fp32,
     or 8/4-bit blocks through the MatMulNBits kernels, in place): logits as with an fp32 head
     of the table's dequantized rows (the 4-bit kernel rounds activations to int8: measured
@@ -173,20 +217,28 @@ def test_embedding_table_is_the_head_when_the_graph_has_none(embedding, bound, t
 
     bundle = tied_bundle("qwen2", "int4", embedding)
     linears = OnnxWeights.linears
-    monkeypatch.setattr(OnnxWeights, "linears",
-                        lambda self: {k: v for k, v in linears(self).items() if k != "lm_head"})
+    monkeypatch.setattr(
+        OnnxWeights,
+        "linears",
+        lambda self: {k: v for k, v in linears(self).items() if k != "lm_head"},
+    )
     manifest = read_manifest(bundle)
     dec, ref = NativeDecoder(bundle, manifest), NativeDecoder(bundle, manifest)
     head, table = dec.lin["lm_head"], dec.embed
-    stored = {"f32": (head.f32, table.f32), "q8": (head.q8_codes, table.q8_codes),
-              "q4": (getattr(head.q4, "packed", None), getattr(table.q4, "packed", None))}
+    stored = {
+        "f32": (head.f32, table.f32),
+        "q8": (head.q8_codes, table.q8_codes),
+        "q4": (getattr(head.q4, "packed", None), getattr(table.q4, "packed", None)),
+    }
     assert head.kind == table.kind and same_storage(*stored[table.kind])
     vocab, hidden = table.shape  # the rows as the lookup dequantizes them, as an fp32 head:
     ref.lin["lm_head"] = Linear("f32", hidden, vocab, f32=table[np.arange(vocab)].T)
     logits = np.concatenate([dec.forward(np.array([p]))[0] for p in PROMPTS])
     want = np.concatenate([ref.forward(np.array([p]))[0] for p in PROMPTS])
     assert np.abs(logits - want).max() <= bound * np.abs(want).max()
-    untied = {**manifest, "architecture": {**manifest["architecture"],
-                                           "tie_word_embeddings": False}}
+    untied = {
+        **manifest,
+        "architecture": {**manifest["architecture"], "tie_word_embeddings": False},
+    }
     with pytest.raises(BundleError, match="no lm_head"):
         NativeDecoder(bundle, untied)

@@ -29,9 +29,20 @@ def data(tmp_path_factory):
 
 
 def cfg_for(tiny_model, data, out, **kw):
-    base = dict(model=str(tiny_model), data=str(data), out=str(out), method="lora", rank=8,
-                alpha=16, max_steps=STEPS, batch_size=PER_RANK, lr=3e-3, seq_len=128,
-                save_every=2, seed=1)
+    base = dict(
+        model=str(tiny_model),
+        data=str(data),
+        out=str(out),
+        method="lora",
+        rank=8,
+        alpha=16,
+        max_steps=STEPS,
+        batch_size=PER_RANK,
+        lr=3e-3,
+        seq_len=128,
+        save_every=2,
+        seed=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -55,8 +66,12 @@ def assert_same_adapter(run, ref):
         torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=RTOL)
 
 
-def two_procs(tiny_model, data, out, strategy, **kw):
-    return train(cfg_for(tiny_model, data, out, nproc=2, strategy=strategy, **kw), progress=False)
+def two_procs(tiny_model, data, out, strategy, resume=False, **kw):
+    return train(
+        cfg_for(tiny_model, data, out, nproc=2, strategy=strategy, **kw),
+        resume=resume,
+        progress=False,
+    )
 
 
 def interrupted_copy(run, dest):
@@ -96,17 +111,22 @@ def test_fsdp_matches_and_resumes_in_one_process(tiny_model, data, single, tmp_p
     assert_same_adapter(resumed, single)
 
 
-def test_zero3_matches_and_resumes_in_one_process(tiny_model, data, single, tmp_path):
-    run = two_procs(tiny_model, data, tmp_path / "zero3", "zero3")
+def test_zero3_with_accumulation_matches_and_ddp_resumes_it(tiny_model, data, single, tmp_path):
+    # 2 micro-batches of 2 rows per rank and step: the step's rows and loss are single's;
+    # DeepSpeed steps its optimizer at the boundary only
+    run = two_procs(
+        tiny_model, data, tmp_path / "zero3", "zero3", batch_size=PER_RANK // 2, grad_accum=2
+    )
     ls = losses(run)
     assert sum(ls[-2:]) < 0.95 * sum(ls[:2])
+    assert ls == pytest.approx(losses(single), rel=1e-5)
     assert_same_adapter(run, single)
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 2 * PER_RANK
-    # AdamW moments gathered from both ZeRO-3 partitions: one process continues exactly
+    assert ds["gradient_accumulation_steps"] == 2
+    # AdamW moments gathered from both ZeRO-3 partitions: two DDP workers continue exactly
     resumed = interrupted_copy(run, tmp_path / "resumed")
-    train(cfg_for(tiny_model, data, resumed, batch_size=2 * PER_RANK), resume=True,
-          progress=False)
+    two_procs(tiny_model, data, resumed, "ddp", resume=True)
     assert losses(resumed) == pytest.approx(losses(single), rel=1e-5)
     assert_same_adapter(resumed, single)
 
@@ -117,8 +137,9 @@ def test_zero2_matches_and_zero3_resumes_its_checkpoint(tiny_model, data, single
     assert_same_adapter(run, single)
     # the checkpoint's full moments scattered into ZeRO-3's partitions by 2 new workers
     resumed = interrupted_copy(run, tmp_path / "resumed")
-    train(cfg_for(tiny_model, data, resumed, nproc=2, strategy="zero3"), resume=True,
-          progress=False)
+    train(
+        cfg_for(tiny_model, data, resumed, nproc=2, strategy="zero3"), resume=True, progress=False
+    )
     assert losses(resumed) == pytest.approx(losses(single), rel=1e-5)
     assert_same_adapter(resumed, single)
 
@@ -126,8 +147,10 @@ def test_zero2_matches_and_zero3_resumes_its_checkpoint(tiny_model, data, single
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
 def test_qlora_two_processes(tiny_model, data, tmp_path, strategy):
-    ref = train(cfg_for(tiny_model, data, tmp_path / "one", method="qlora",
-                        batch_size=2 * PER_RANK), progress=False)
+    ref = train(
+        cfg_for(tiny_model, data, tmp_path / "one", method="qlora", batch_size=2 * PER_RANK),
+        progress=False,
+    )
     run = two_procs(tiny_model, data, tmp_path / strategy, strategy, method="qlora")
     assert losses(run) == pytest.approx(losses(ref), rel=1e-5)
     assert_same_adapter(run, ref)
@@ -142,10 +165,36 @@ def test_ctrl_c_then_resume_with_two_processes(tiny_model, data, single, tmp_pat
     import subprocess
 
     out = tmp_path / "run"
-    args = ["--model", str(tiny_model), "--data", str(data), "--out", str(out), "--method",
-            "lora", "--rank", "8", "--alpha", "16", "--max-steps", str(STEPS), "--batch-size",
-            str(PER_RANK), "--lr", "3e-3", "--seq-len", "128", "--save-every", "2", "--seed",
-            "1", "--nproc", "2", "--strategy", "fsdp"]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--method",
+        "lora",
+        "--rank",
+        "8",
+        "--alpha",
+        "16",
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        str(PER_RANK),
+        "--lr",
+        "3e-3",
+        "--seq-len",
+        "128",
+        "--save-every",
+        "2",
+        "--seed",
+        "1",
+        "--nproc",
+        "2",
+        "--strategy",
+        "fsdp",
+    ]
     cli = [sys.executable, "-m", "edgetune.cli", "train"]
     proc = start_interruptible(cli + args, start_new_session=True)
     wait_for_checkpoint(proc, out, timeout=300)
@@ -158,26 +207,46 @@ def test_ctrl_c_then_resume_with_two_processes(tiny_model, data, single, tmp_pat
 
 # ---- bad input: one line, before any worker starts ----------------------------------------
 
+
 def test_unknown_strategy_and_too_many_processes(tiny_model, data, tmp_path, capsys):
     from edgetune.cli import main
 
     with pytest.raises(ConfigError, match="strategy must be one of ddp, fsdp, zero1"):
         cfg_for(tiny_model, data, tmp_path / "a", strategy="zero4")
-    argv = ["train", "--model", str(tiny_model), "--data", str(data), "--out",
-            str(tmp_path / "b"), "--nproc", "4096"]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "b"),
+        "--nproc",
+        "4096",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--nproc 4096 is more than" in err
     assert not (tmp_path / "b").exists()
 
 
-def test_missing_deepspeed_says_what_to_install(tiny_model, data, tmp_path, monkeypatch,
-                                                capsys):
+def test_missing_deepspeed_says_what_to_install(tiny_model, data, tmp_path, monkeypatch, capsys):
     from edgetune.cli import main
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if it were not installed
-    argv = ["train", "--model", str(tiny_model), "--data", str(data), "--out",
-            str(tmp_path / "c"), "--nproc", "2", "--strategy", "zero3"]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "c"),
+        "--nproc",
+        "2",
+        "--strategy",
+        "zero3",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'edgetune[distributed]'" in err

@@ -33,8 +33,8 @@ def test_loss_only_at_labels_equals_full_logits_loss(tiny_model, tiny_tokenizer,
     logits with ignore_index, on the shipped model loaded for QLoRA (fp16 head kept)."""
     from edgetune.data import load_examples, tokenize_examples
     from edgetune.data.smart_home import generate
-    from edgetune.train.loop import collate, token_loss_sum
     from edgetune.train.nf4 import load_model_nf4
+    from edgetune.train.recipe import collate, token_loss_sum
 
     data, _ = generate(tmp_path, n_train=6, n_heldout=1, seed=2)
     rows = tokenize_examples(tiny_tokenizer, load_examples(data), 128)
@@ -45,12 +45,18 @@ def test_loss_only_at_labels_equals_full_logits_loss(tiny_model, tiny_tokenizer,
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     with torch.no_grad():
         loss, n = token_loss_sum(model, batch)
-        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"]).logits  # (B, T, V)
+        full = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits  # (B, T, V)
     labels = batch["labels"][:, 1:]
-    want = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]),
-                                             labels.reshape(-1), ignore_index=IGNORE,
-                                             reduction="sum")
+    want = torch.nn.functional.cross_entropy(
+        full[:, :-1].reshape(-1, full.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
     assert n == int((labels != IGNORE).sum()) > 0
     assert seen[0] == (n, full.shape[-1])  # the head ran on the labelled positions only
     assert seen[1] == tuple(full.shape)  # and the hook is gone after the block

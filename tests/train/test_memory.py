@@ -27,8 +27,9 @@ print(anon_mb() - base)
 
 
 def _retained_mb(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True
+    )
     return int(out.stdout.split()[-1])
 
 
@@ -60,8 +61,15 @@ def wide_model(tmp_path_factory):
     a 2048-token vocabulary (8 MB in bf16 for embedding and LM head together)."""
     from edgetune.bench.random_model import make_random_model
 
-    return make_random_model(tmp_path_factory.mktemp("wide") / "model", 3, hidden=1024,
-                             intermediate=4096, heads=16, kv_heads=16, vocab=2048)
+    return make_random_model(
+        tmp_path_factory.mktemp("wide") / "model",
+        3,
+        hidden=1024,
+        intermediate=4096,
+        heads=16,
+        kv_heads=16,
+        vocab=2048,
+    )
 
 
 def test_qlora_load_never_holds_the_model_in_fp32(wide_model):
@@ -70,7 +78,11 @@ def test_qlora_load_never_holds_the_model_in_fp32(wide_model):
     projections take in fp32 (the old load peaked at ~250 MB here: one projection's fp32
     copy plus the reference quantizer's temporaries, ~24 bytes a value)."""
     fp32_mb = 3 * (3 + 1 + 8 + 4) * 1024 * 1024 * 4 / 2**20
-    out = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(wide_model)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_CHILD, str(wide_model)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     peak_mb = int(out.stdout.split()[-1])
     assert peak_mb <= 0.4 * fp32_mb, f"loading peaked {peak_mb} MB above start ({fp32_mb:.0f} fp32)"
