@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +56,8 @@ from tqdm.auto import tqdm
 from ..errors import DataError, ModelError
 from ..models import read_config
 from ..tensors import SafetensorsSource
-from .lm_head import CheckpointRows, Head, override_rows, token_groups
+from .lm_head import CheckpointRows, Head, WeightFn, override_rows, token_groups
 from .scores import Scores
-
-WeightFn = Callable[[str], "np.ndarray | None"]
-"""HF parameter name -> replacement fp32 array in HF layout ((out, in) for a projection), or
-None to keep the checkpoint's tensor."""
 
 PACK_TOKENS = 512  # sequences packed into rows of up to this many tokens (eager attention
 # holds heads x T^2 fp32 scores per row: 32 MB at 32 heads)

@@ -25,6 +25,8 @@ HEAD_ROWS = 4096  # LM-head rows (vocabulary entries) widened to fp32 at a time 
 GROUP_TOKENS = 512  # positions whose logits are computed together ((N, V) fp32: 66 MB at 32064)
 
 WeightFn = Callable[[str], "np.ndarray | None"]
+"""HF parameter name -> replacement fp32 array in HF layout ((out, in) for a projection), or
+None to keep the checkpoint's tensor."""
 
 
 def token_groups(lengths: Sequence[int], tokens: int = GROUP_TOKENS) -> list[list[int]]:

@@ -24,7 +24,7 @@ from edgetune.export.gptq import (
 )
 from edgetune.export.layerwise import Layerwise, greedy, logits, parity
 from edgetune.export.report import eval_texts
-from edgetune.export.scores import log_softmax as _log_softmax
+from edgetune.export.scores import log_softmax
 from edgetune.tensors import SafetensorsSource
 
 REL = 1e-5
@@ -160,7 +160,7 @@ def test_parity_metrics_and_greedy_as_hf(family_model):
     ref_f, ref_q = _hf_logits(d, seqs), _hf_logits(d, seqs, **noisy)
     agree = kl = nll_f = nll_q = 0.0
     for ids, lf, lq in zip(seqs, ref_f, ref_q, strict=True):
-        pf, pq, t = _log_softmax(lf[:-1]), _log_softmax(lq[:-1]), np.array(ids[1:])
+        pf, pq, t = log_softmax(lf[:-1]), log_softmax(lq[:-1]), np.array(ids[1:])
         agree += (lf[:-1].argmax(-1) == lq[:-1].argmax(-1)).sum()
         kl += (np.exp(pf) * (pf - pq)).sum()
         nll_f -= pf[np.arange(len(t)), t].sum()
