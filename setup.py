@@ -14,6 +14,7 @@ ext = Extension(
         "kernels/_ckernels.pyx",
         "kernels/csrc/edgetune_kernels.c",
         "kernels/csrc/gemm.c",
+        "kernels/csrc/q4q8.c",
         "kernels/csrc/ops.c",
     ],
     include_dirs=["kernels/csrc", np.get_include()],

@@ -265,11 +265,14 @@ def _bench(args, log):
     # each benchmark's results and table are its own types: one branch each
     if args.what == "kernels":
         from .bench import kernels as kernel_bench
+        from .bench.gemm import gemm_results
+        from .kernels import isa as kernels_isa
 
         results = kernel_bench.bench(quick=args.quick, log=log)
+        results += gemm_results(2, log)  # compute-bound rows, at the last thread count
         rows = [r.as_dict() for r in results]
         if args.json:
-            return {"benchmark": args.what, "results": rows}
+            return {"benchmark": args.what, "isa": kernels_isa(), "results": rows}
         print(kernel_bench.format_results(results))
         return 0
     if args.what == "dist":

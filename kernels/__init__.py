@@ -15,7 +15,15 @@ import numpy as np
 from . import reference, traits
 from .adapters import check as _check
 from .adapters import thread_count as _threads
-from .dispatch import BACKENDS, available_backends, backend, entry_point, forced_backend, run
+from .dispatch import (
+    BACKENDS,
+    available_backends,
+    backend,
+    entry_point,
+    forced_backend,
+    isa,
+    run,
+)
 from .reference import NF4_BLOCK, NF4_CODE, Q4_BLOCK_SIZES, NF4Tensor, Q4Weight
 from .traits import FORMATS, KERNELS, OPS, check_weight
 
@@ -32,6 +40,7 @@ __all__ = [
     "backend",
     "forced_backend",
     "available_backends",
+    "isa",
     "check_weight",
     "nf4_quantize",
     "nf4_dequantize",

@@ -8,7 +8,7 @@ Only typed, contiguous memoryviews reach C; the Python dispatcher in
 from libc.stdint cimport int8_t, uint8_t
 
 cdef extern from "edgetune_kernels.h":
-    int et_have_avx2()
+    int et_best_isa()
     ctypedef struct et_absmax:
         const uint8_t *q
         const float *scale
@@ -26,6 +26,7 @@ cdef extern from "edgetune_kernels.h":
     int et_q4q8_gemm(const float *x, const uint8_t *packed, const float *scales,
                      const uint8_t *zps, float *y, size_t m, size_t n, size_t k, size_t block,
                      int threads, int use_simd) nogil
+    double et_int8_peak(int isa, size_t iters, int threads, int *checksum) nogil
     int et_q8w_gemm(const float *x, const uint8_t *codes, const float *scales, float *y, size_t m,
                     size_t n, size_t k, size_t block, int threads, int use_simd) nogil
     int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, const float *code,
@@ -42,7 +43,25 @@ cdef extern from "edgetune_kernels.h":
                              size_t ctx, size_t pos, size_t first, float scale, int threads,
                              int use_simd) nogil
 
-HAVE_AVX2 = bool(et_have_avx2())
+ISA_NAMES = ("scalar", "avx2", "avx_vnni", "avx512_vnni")  # the C core's ET_ISA_* levels
+
+
+def _isa_cap():
+    """The level ``EDGETUNE_ISA`` allows (a name of ISA_NAMES; unset: no cap), to run and
+    benchmark the slower paths on a CPU that has faster ones."""
+    import os
+
+    name = os.environ.get("EDGETUNE_ISA", "").strip().lower()
+    if not name:
+        return len(ISA_NAMES) - 1
+    if name not in ISA_NAMES:
+        raise ValueError(f"EDGETUNE_ISA={name!r}: expected one of {', '.join(ISA_NAMES)}")
+    return ISA_NAMES.index(name)
+
+
+BEST_ISA = et_best_isa()  # what the CPU and OS support (cpuid + xgetbv)
+ISA = min(BEST_ISA, _isa_cap())  # what the kernels run by default
+HAVE_AVX2 = ISA >= 1
 
 
 cdef et_absmax _absmax(const uint8_t[::1] absmax_q, const float[::1] absmax_scale, float offset,
@@ -97,8 +116,9 @@ def q4_gemm(const float[:, ::1] x, const uint8_t[:, :, ::1] packed, const float[
 
 
 def q4q8_gemm(const float[:, ::1] x, const uint8_t[:, :, ::1] packed, const float[:, ::1] scales,
-              const uint8_t[:, ::1] zps, float[:, ::1] out, int threads=1, bint simd=HAVE_AVX2):
-    """Quantizes x to Q8 itself (bit-exact with the reference); ``zps`` None = symmetric."""
+              const uint8_t[:, ::1] zps, float[:, ::1] out, int threads=1, int simd=ISA):
+    """Quantizes x to Q8 itself (bit-exact with the reference); ``zps`` None = symmetric.
+    ``simd``: an index into ISA_NAMES (True = AVX2); above BEST_ISA runs BEST_ISA."""
     cdef size_t block = packed.shape[2] * 2
     cdef const uint8_t *z = _zps_or_null(zps)
     cdef int rc
@@ -107,6 +127,16 @@ def q4q8_gemm(const float[:, ::1] x, const uint8_t[:, :, ::1] packed, const floa
                           x.shape[0], packed.shape[0], x.shape[1], block, threads, simd)
     if rc:
         raise MemoryError("q4q8_gemm: out of memory for the activation workspace")
+
+
+def int8_peak(size_t iters, int threads=1, int simd=ISA):
+    """(multiply-adds done, checksum) of the int8 multiply-add peak loop (et_int8_peak); the
+    caller times the call. 0 multiply-adds on the scalar level."""
+    cdef int checksum = 0
+    cdef double macs
+    with nogil:
+        macs = et_int8_peak(simd, iters, threads, &checksum)
+    return macs, checksum
 
 
 def nf4_gemv(const float[:, ::1] x, const uint8_t[::1] packed, const uint8_t[::1] absmax_q,

@@ -37,6 +37,14 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if _load(b) is not None]
 
 
+def isa() -> str:
+    """The x86 instruction set the C core's Q4 x Q8 kernels run ("scalar", "avx2", "avx_vnni",
+    "avx512_vnni"; the best the CPU and OS support, capped by EDGETUNE_ISA), or "none" when
+    the compiled module is missing."""
+    mod = _load("cython")
+    return "none" if mod is None else mod.ISA_NAMES[mod.ISA]
+
+
 def backend(kernel: str = "") -> str:
     """Backend that runs ``kernel`` (a name of the traits table; any other name is looked up
     as a module attribute): the fastest available that has it, starting from the one

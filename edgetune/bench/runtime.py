@@ -9,7 +9,8 @@ first-token latency (prefill + picking the first token), decode tokens/s (greedy
 token a pass, eos ignored so every run decodes the same count), peak RSS (VmHWM) against
 the bundle's weight bytes, and decode bandwidth utilisation: the weight bytes one decode
 step reads x decode tokens/s / the memory read bandwidth measured in this same run
-(``bench.kernels.read_bandwidth``). Ratios are native / ort (> 1: native is faster).
+(``bench.kernels.read_bandwidth``). Ratios are native / ort (> 1: native is faster). Then
+the native backend's batched decode at 1, 2, 4 and 8 sequences (``bench/batched.py``).
 
 With no bundle, a Phi-3-shaped model of ~0.55B random-weight parameters (hidden 1536,
 16 layers, vocab 32064: DRAM-bound on a CPU; values do not matter for speed) is saved as
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import best_round, in_fresh_process, peak_rss_bytes
+from .batched import batched_decode, format_rows
 
 
 class ResultQueue(Protocol):
@@ -295,6 +297,12 @@ def bench(
         first_token_ratio=ort["first_token_ms"] / native["first_token_ms"],
         rss_ratio=native["peak_rss_bytes"] / ort["peak_rss_bytes"],
     )
+    batched = batched_decode(bundle, threads, prompt_tokens, 8 if quick else 32)
+    log(
+        "native batched decode: "
+        + ", ".join(f"{r['sequences']} seq {r['ratio']:.2f}x" for r in batched)
+        + " the aggregate tokens/s of 1"
+    )
     return {
         "benchmark": "runtime",
         "bundle": str(bundle),
@@ -307,6 +315,7 @@ def bench(
         "bundle_build_s": build_s,
         "bundle_cached": cached,
         "results": results,
+        "batched": batched,
     }
 
 
@@ -342,6 +351,8 @@ def format_results(report: dict) -> str:
             "(speed ratios: > 1 means native is faster; first token: ort ms / native ms; "
             "RSS: native / ort)"
         )
+    if report.get("batched"):
+        lines += format_rows(report["batched"])
     if report.get("bundle_build_s") is not None:
         lines.append(
             f"benchmark bundle built in {report['bundle_build_s']:.0f} s"

@@ -8,7 +8,8 @@ table's own bytes, whatever its format (``Embedding.as_head``), never by a trans
 The prompt is one batched pass (GEMM), decoding one token a pass.
 ``integer=True`` runs the Q4 projections through the fixed-point datapath the FPGA kernels
 implement (kernels/fixed_point.py), bit-exact with the HLS C simulation.
-Same interface as ``OrtDecoder``: ``forward(input_ids (1, T), past) -> logits, past``.
+Same interface as ``OrtDecoder``: ``forward(input_ids (1, T), past) -> logits, past``; and
+``step(batch)`` runs several sequences, each with its own cache, through one set of GEMMs.
 """
 
 from __future__ import annotations
@@ -210,11 +211,20 @@ class NativeDecoder:
             )
         return self.linear(kernels.swiglu(gu), f"{p}.down_proj")
 
-    def _attention(
-        self, i: int, x: np.ndarray, cache: KVCache, start: int, rope: tuple[np.ndarray, np.ndarray]
+    def _attend(
+        self,
+        i: int,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        cache: KVCache,
+        start: int,
+        rope: tuple[np.ndarray, np.ndarray],
     ) -> np.ndarray:
-        t = x.shape[0]
-        q, k, v = self._qkv(i, x)
+        """Attention of one sequence's t new positions (q, k, v: (t, heads x head_dim)) after
+        its ``start`` cached ones, writing their keys and values into ``cache`` of layer i;
+        (t, heads x head_dim) before o_proj."""
+        t = q.shape[0]
         total = start + t
         if t == 1:  # decoding: one fused call (rotary, cache write, softmax, values)
             first = max(0, start - self.window + 1) if self.window else 0
@@ -231,7 +241,7 @@ class NativeDecoder:
                 1.0 / math.sqrt(self.head_dim),
                 self.threads,
             )
-            return self.linear(out.reshape(1, -1), f"model.layers.{i}.self_attn.o_proj")
+            return out.reshape(1, -1)
         pos = np.arange(start, total)
         q = self.rope.rotate(q.reshape(t, self.n_heads, self.head_dim).transpose(1, 0, 2), *rope)
         k = self.rope.rotate(k.reshape(t, self.n_kv, self.head_dim).transpose(1, 0, 2), *rope)
@@ -253,8 +263,7 @@ class NativeDecoder:
         out = (p.reshape(self.n_kv, group * t, total) @ vals).reshape(
             self.n_heads, t, self.head_dim
         )
-        out = np.ascontiguousarray(out.transpose(1, 0, 2).reshape(t, self.n_heads * self.head_dim))
-        return self.linear(out, f"model.layers.{i}.self_attn.o_proj")
+        return np.ascontiguousarray(out.transpose(1, 0, 2).reshape(t, self.n_heads * self.head_dim))
 
     # -- the decoder ------------------------------------------------------------------------
 
@@ -268,19 +277,60 @@ class NativeDecoder:
         of the last position, which is all generation needs: the LM head, the largest
         matrix, then runs once instead of T times); the cache grows in place."""
         if input_ids.shape[0] != 1:
-            raise ValueError("the native backend decodes one sequence at a time")
+            raise ValueError("the native backend's forward runs one sequence: use step()")
         cache = past if past is not None else self.new_cache()
-        start = cache.length
-        ids = input_ids[0]
-        if start + ids.size > self.context:
-            raise ValueError(f"context of {self.context} tokens exceeded")
-        x = np.ascontiguousarray(self.embed[ids], dtype=np.float32)  # (T, H)
-        rope = self.rope.tables(np.arange(start, start + ids.size), start + ids.size)
-        for i, (n_in, n_post) in enumerate(self.norms):
-            x = x + self._attention(i, rms_norm(x, n_in, self.eps), cache, start, rope)
-            x = x + self._mlp(i, rms_norm(x, n_post, self.eps))
-        cache.length = start + ids.size
-        if last_only:
-            x = x[-1:]
-        logits = self.linear(rms_norm(x, self.final_norm, self.eps), "lm_head")
+        (logits,) = self.step([(input_ids[0], cache)], last_only=last_only)
         return logits[None], cache
+
+    def step(
+        self, batch: list[tuple[np.ndarray, KVCache]], last_only: bool = True
+    ) -> list[np.ndarray]:
+        """One pass over several sequences: ``batch`` holds each sequence's new token ids
+        (t_i,) and its own cache (any length, any position). Every projection runs once for
+        all the new rows together (a GEMM of sum t_i rows: the weights are read once for the
+        batch, where decode is bandwidth-bound), attention and the cache writes per sequence.
+        Returns each sequence's logits, (t_i, V), or (1, V) of its last position with
+        ``last_only``; each cache grows by t_i. Every row is computed exactly as alone (the
+        kernels' outputs depend on their own row only), so a sequence gets the same tokens in
+        a batch as by itself."""
+        if not batch:
+            return []
+        spans: list[tuple[int, int, int]] = []  # (first row, end row, cached positions)
+        ropes: list[tuple[np.ndarray, np.ndarray]] = []
+        ids_all: list[np.ndarray] = []
+        row = 0
+        for n, (ids, cache) in enumerate(batch):
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            start = cache.length
+            where = f"batch[{n}]: " if len(batch) > 1 else ""
+            if ids.size == 0:
+                raise ValueError(f"{where}no new tokens")
+            if start + ids.size > self.context:
+                raise ValueError(
+                    f"{where}context of {self.context} tokens exceeded "
+                    f"({start} cached + {ids.size} new)"
+                )
+            if any(cache is other for _, other in batch[:n]):
+                raise ValueError(f"{where}a cache appears twice in one step")
+            spans.append((row, row + ids.size, start))
+            row += ids.size
+            ropes.append(self.rope.tables(np.arange(start, start + ids.size), start + ids.size))
+            ids_all.append(ids)
+        x = np.ascontiguousarray(self.embed[np.concatenate(ids_all)], dtype=np.float32)
+        for i, (n_in, n_post) in enumerate(self.norms):
+            q, k, v = self._qkv(i, rms_norm(x, n_in, self.eps))
+            att = [
+                self._attend(i, q[a:b], k[a:b], v[a:b], cache, start, rope)
+                for (a, b, start), (_, cache), rope in zip(spans, batch, ropes, strict=True)
+            ]
+            att_x = att[0] if len(att) == 1 else np.concatenate(att)
+            x = x + self.linear(att_x, f"model.layers.{i}.self_attn.o_proj")
+            x = x + self._mlp(i, rms_norm(x, n_post, self.eps))
+        for (a, b, start), (_, cache) in zip(spans, batch, strict=True):
+            cache.length = start + (b - a)
+        if last_only:
+            x = x[[b - 1 for _, b, _ in spans]]
+        logits = self.linear(rms_norm(x, self.final_norm, self.eps), "lm_head")
+        if last_only:
+            return [logits[j : j + 1] for j in range(len(spans))]
+        return [logits[a:b] for a, b, _ in spans]

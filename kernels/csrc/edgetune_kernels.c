@@ -27,12 +27,43 @@ ET_INLINE void store8(float *o, __m256 v, int stream) {
 }
 #endif
 
-int et_have_avx2(void) {
 #ifdef ET_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#include <cpuid.h>
+
+/* XCR0: the register state the OS saves on a context switch (bit 1 SSE, 2 AVX, 5-7 AVX-512). */
+static unsigned long long xcr0(void) {
+    unsigned int eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return ((unsigned long long)edx << 32) | eax;
+}
+
+static int detect_isa(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return ET_ISA_SCALAR;
+    const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+    if (!osxsave || !avx || !fma) return ET_ISA_SCALAR;
+    const unsigned long long x = xcr0();
+    if ((x & 0x6) != 0x6) return ET_ISA_SCALAR; /* the OS does not save YMM */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((b >> 5) & 1)) return ET_ISA_SCALAR;
+    const unsigned int max_sub = a, b7 = b, c7 = c;
+    int isa = ET_ISA_AVX2;
+    if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1))
+        isa = ET_ISA_AVX_VNNI;
+    /* avx512f (ebx 16), avx512bw (30), avx512vl (31), avx512_vnni (ecx 11), ZMM state saved */
+    if (((b7 >> 16) & 1) && ((b7 >> 30) & 1) && ((b7 >> 31) & 1) && ((c7 >> 11) & 1)
+        && (x & 0xE6) == 0xE6)
+        isa = ET_ISA_AVX512_VNNI;
+    return isa;
+}
+#endif
+
+int et_best_isa(void) {
+#ifdef ET_X86
+    static int best = -1; /* every thread computes the same value: a benign race */
+    if (best < 0) best = detect_isa();
+    return best;
 #else
-    return 0;
+    return ET_ISA_SCALAR;
 #endif
 }
 

@@ -7,7 +7,14 @@
 #include <stdint.h>
 #include <stddef.h>
 
-int et_have_avx2(void);
+/* x86 instruction-set levels, each including the ones below it; the kernels take one as their
+ * `use_simd` / `isa` argument (any non-zero level means AVX2 to kernels without a faster
+ * path) and never run above et_best_isa(). */
+enum { ET_ISA_SCALAR = 0, ET_ISA_AVX2 = 1, ET_ISA_AVX_VNNI = 2, ET_ISA_AVX512_VNNI = 3 };
+
+/* The best level this CPU and OS support: cpuid's feature bits and the register state the OS
+ * saves (xgetbv: YMM for AVX2, opmask and ZMM for AVX-512). Computed once. */
+int et_best_isa(void);
 
 /* Double-quantized NF4 absmax of 64-element block b: dynamic-map code times the scale of its
  * 256-block, plus the offset (two float32 roundings, as reference.dequantize_absmax). */
@@ -48,9 +55,15 @@ int et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales, c
                    float *y, size_t m, size_t n, size_t k, size_t block, int threads, int use_simd);
 
 /* Integer datapath: x quantized per block to int8 (as et_q8_quantize), int32 sums of
- * (q - zp) * xq, then scaled by both block scales. */
+ * (q - zp) * xq, then scaled by both block scales; `isa` an ET_ISA_* level (q4q8.c). */
 int et_q4q8_gemm(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zps,
-                 float *y, size_t m, size_t n, size_t k, size_t block, int threads, int use_simd);
+                 float *y, size_t m, size_t n, size_t k, size_t block, int threads, int isa);
+
+/* The int8 multiply-add peak of `threads` threads: `iters` rounds of 8 independent chains of
+ * the path's multiply-add (vpdpbusd on the VNNI levels, vpmaddubsw + vpmaddwd + vpaddd on
+ * AVX2) per thread. Returns the multiply-adds done (0 on the scalar level); the caller times
+ * it. `checksum` receives the lane sums, so the work cannot be optimised away (q4q8.c). */
+double et_int8_peak(int isa, size_t iters, int threads, int32_t *checksum);
 
 /* y (M, N) = x (M, K) @ W.T for an NF4 weight W (N, K) (PyTorch Linear layout): packed low
  * nibble first, absmax of each 64-element block dequantized on the fly. */

@@ -1,6 +1,6 @@
 /* AVX2 + FMA helpers shared by the C core (internal). Functions that use them carry
  * ET_AVX2 (or are ET_INLINE): the build flags stay portable and the callers pick these
- * paths at run time (et_have_avx2), never by compiling for -march=native. */
+ * paths at run time (et_best_isa), never by compiling for -march=native. */
 #ifndef EDGETUNE_SIMD_H
 #define EDGETUNE_SIMD_H
 

@@ -13,36 +13,7 @@
 #include <string.h>
 
 
-#include "et_simd.h"
-
-#define ET_MR 4 /* activation rows sharing one decode of a weight row */
-#ifndef ET_PREFETCH
-#define ET_PREFETCH 1024 /* bytes ahead of the weight stream to prefetch */
-#endif
-
-/* Output rows go to threads in chunks, whichever thread is free taking the next one (OpenMP
- * dynamic schedule), so a core slowed by a busy neighbour (a shared vCPU, a little core)
- * takes fewer rows instead of holding the others at the join; measured here, one of the two
- * vCPUs ran a kernel up to 1.8x slower than the other, and an even split ran at its pace.
- * About 16 chunks a thread: big enough to keep each weight stream long. Statement `...`
- * reads its rows as [r0, r1). */
-#define ET_FOR_ROWS(nt, n, ...)                                                               \
-    do {                                                                                      \
-        const size_t et_chunk_ = (n) / (16 * (size_t)(nt)) > 0 ? (n) / (16 * (size_t)(nt)) : 1; \
-        const size_t et_count_ = ((n) + et_chunk_ - 1) / et_chunk_;                           \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nt)")                      \
-        for (size_t et_c_ = 0; et_c_ < et_count_; et_c_++) {                                  \
-            const size_t r0 = et_c_ * et_chunk_;                                              \
-            const size_t r1 = r0 + et_chunk_ < (n) ? r0 + et_chunk_ : (n);                    \
-            __VA_ARGS__;                                                                      \
-        }                                                                                     \
-    } while (0)
-
-/* Threads worth starting for a matmul of n rows x k: one for small ones (start-up costs more). */
-static int team_size(int threads, size_t n, size_t k) {
-    int nt = threads > 0 ? threads : 1;
-    return n * k < (1u << 16) ? 1 : nt;
-}
+#include "et_gemm.h"
 
 /* ---- Q8 activation quantization (bit-exact with reference.q8_quantize) ---------------- */
 
@@ -84,28 +55,6 @@ static void q4_gemm_f32_rows(const float *x, const uint8_t *packed, const float 
                     dot += ((float)(p[j] >> 4) - z) * xr[b * block + 2 * j + 1];
                 }
                 acc += dot * scales[r * nb + b];
-            }
-            y[i * n + r] = acc;
-        }
-    }
-}
-
-static void q4q8_rows(const int8_t *xq, const float *xs, const uint8_t *packed, const float *scales,
-                      const uint8_t *zps, float *y, size_t m, size_t n, size_t k, size_t block,
-                      size_t r0, size_t r1) {
-    size_t nb = k / block;
-    for (size_t r = r0; r < r1; r++) {
-        for (size_t i = 0; i < m; i++) {
-            float acc = 0.0f;
-            for (size_t b = 0; b < nb; b++) {
-                const uint8_t *p = packed + (r * nb + b) * (block / 2);
-                const int8_t *xb = xq + i * k + b * block;
-                int32_t dot = 0, z = zps ? zps[r * nb + b] : 8;
-                for (size_t j = 0; j < block / 2; j++) {
-                    dot += ((int32_t)(p[j] & 15) - z) * xb[2 * j];
-                    dot += ((int32_t)(p[j] >> 4) - z) * xb[2 * j + 1];
-                }
-                acc += (float)dot * (scales[r * nb + b] * xs[i * nb + b]);
             }
             y[i * n + r] = acc;
         }
@@ -168,33 +117,6 @@ static void q8w_rows(const float *x, const uint8_t *codes, const float *scales, 
 #ifdef ET_X86
 /* ---- AVX2 + FMA ------------------------------------------------------------------------ */
 
-/* For activation rows i = 0 .. m-1 in groups of 4 (ET_MR), then 2, then 1, runs ROW(MR) with
- * `i` the group's first row. MR is a compile-time constant at each expansion, so the row
- * kernels' loops over their activation rows unroll. */
-#define ET_MR_GROUPS(m, ROW)                                                                  \
-    for (size_t i = 0; i < (m);) {                                                            \
-        if (i + 4 <= (m)) {                                                                   \
-            ROW(4);                                                                           \
-            i += 4;                                                                           \
-        } else if (i + 2 <= (m)) {                                                            \
-            ROW(2);                                                                           \
-            i += 2;                                                                           \
-        } else {                                                                              \
-            ROW(1);                                                                           \
-            i += 1;                                                                           \
-        }                                                                                     \
-    }
-
-/* CALL(BLOCK) with the common block sizes as compile-time constants (the row kernels are
- * always inlined, so each size gets its own fully unrolled block loop). */
-#define ET_BY_BLOCK(block, CALL)                                                              \
-    switch (block) {                                                                          \
-    case 16: CALL(16); break;                                                                 \
-    case 32: CALL(32); break;                                                                 \
-    case 64: CALL(64); break;                                                                 \
-    case 128: CALL(128); break;                                                               \
-    default: CALL(block);                                                                     \
-    }
 
 /* fp32 activations, permuted per 16-element group (8 packed bytes): its 8 even-position
  * values, then its 8 odd-position values. xsum: the sum of each block of x. */
@@ -219,21 +141,6 @@ ET_AVX2 static void permute_f32(const float *x, float *xp, float *xsum, size_t m
     }
 }
 
-/* sum_b s[b] * z[b] * xsum[b] over one row's blocks (z = 8 when zps is NULL): the zero-point
- * term that the kernels subtract once per output instead of once per weight. */
-ET_INLINE float zero_point_term(const float *s, const uint8_t *zps, const float *xsum, size_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    size_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        __m256 sx = _mm256_mul_ps(_mm256_loadu_ps(s + b), _mm256_loadu_ps(xsum + b));
-        __m256 z = zps ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zps + b))))
-                       : _mm256_set1_ps(8.0f);
-        acc = _mm256_fmadd_ps(sx, z, acc);
-    }
-    float t = hsum256(acc);
-    for (; b < nb; b++) t += s[b] * xsum[b] * (zps ? (float)zps[b] : 8.0f);
-    return t;
-}
 
 /* 8 packed bytes -> their 8 low and 8 high nibbles as floats. */
 ET_INLINE void nibbles_f32(const uint8_t *p, __m256 *lo, __m256 *hi) {
@@ -307,17 +214,8 @@ ET_AVX2 static void q4_gemm_f32_avx2(const float *xp, const float *xsum, const u
 #undef CALL
 }
 
-/* int8 activations, prepared per 64-element chunk (32 packed bytes): 32 even-position codes,
- * then 32 odd-position codes; the activation scale of each of the chunk's 8 int32 lanes (8
- * consecutive elements each); and per block xs_b * sum(xq_b) for the zero-point term. */
-typedef struct {
-    int8_t *xq; /* (m, k) permuted codes */
-    float *sx;  /* (m, k / 8) activation scale of the lane's block */
-    float *cb;  /* (m, nb) xs_b * sum of block b's codes */
-} q8_prep;
-
-ET_AVX2 static void prepare_q8(const float *x, q8_prep *P, float *xs, size_t m, size_t k,
-                               size_t block) {
+ET_AVX2 void et_prepare_q8(const float *x, q8_prep *P, float *xs, size_t m, size_t k,
+                   size_t block) {
     const size_t nb = k / block;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
@@ -370,85 +268,6 @@ ET_AVX2 static void prepare_q8(const float *x, q8_prep *P, float *xs, size_t m, 
     }
 }
 
-/* The weight scale of each of a chunk's 8 lanes (lane l covers elements 8l..8l+7). */
-ET_INLINE __m256 lane_scales(const float *s, size_t c, const size_t block) {
-    if (block == 16) /* 4 blocks a chunk: lanes (0,1)(2,3)(4,5)(6,7) */
-        return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + 4 * c)),
-                                        _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
-    if (block == 32) /* 2 blocks a chunk: lanes 0-3 and 4-7 */
-        return _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double *)(s + 2 * c))),
-                                        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-    return _mm256_broadcast_ss(s + (64 * c) / block);
-}
-
-/* One weight row against MR activation rows: int32 lane sums of q * xq (maddubs: u8 x s8 ->
- * s16 pairs, |2 * 15 * 127| fits; madd to int32), scaled per lane by xs * ws; the zero points
- * come off once per output. `block` is a compile-time constant at each call site. */
-ET_INLINE void q4q8_chunk(const uint8_t *p, const float *s, const q8_prep *P, size_t i0,
-                          size_t k, size_t c, const size_t block, const int mr, __m256 *acc) {
-    const size_t lanes = k / 8;
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    /* a few cache lines ahead of the weight stream: keeps DRAM busy while this line's
-     * multiply-adds run (the thread's rows are one contiguous stream); non-temporal, so the
-     * streamed weights do not push the rest of the program out of the caches */
-    _mm_prefetch((const char *)(p + 32 * c + ET_PREFETCH), _MM_HINT_NTA);
-    __m256i w = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
-    __m256i lo = _mm256_and_si256(w, m4);
-    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
-    __m256 sw = lane_scales(s, c, block);
-    for (int i = 0; i < mr; i++) {
-        const int8_t *xc = P->xq + (i0 + i) * k + 64 * c;
-        __m256i d = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
-        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d, ones)),
-                                 _mm256_loadu_ps(P->sx + (i0 + i) * lanes + 8 * c));
-        acc[i] = _mm256_fmadd_ps(t, sw, acc[i]);
-    }
-}
-
-/* One weight row against MR activation rows: int32 lane sums of q * xq (maddubs: u8 x s8 ->
- * s16 pairs, |2 * 15 * 127| fits; madd to int32), scaled per lane by xs * ws; the zero points
- * come off once per output. Chunks go in pairs into two register accumulators. `block` is a
- * compile-time constant at each call site. */
-ET_INLINE void q4q8_row(const uint8_t *p, const float *s, const uint8_t *zps, const q8_prep *P,
-                        size_t i0, float *y, size_t ystride, size_t k, const size_t block,
-                        const int mr) {
-    const size_t chunks = k / 64, nb = k / block;
-    __m256 acc0[ET_MR], acc1[ET_MR];
-    for (int i = 0; i < mr; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-    size_t c = 0;
-    for (; c + 2 <= chunks; c += 2) {
-        q4q8_chunk(p, s, P, i0, k, c, block, mr, acc0);
-        q4q8_chunk(p, s, P, i0, k, c + 1, block, mr, acc1);
-    }
-    if (c < chunks) q4q8_chunk(p, s, P, i0, k, c, block, mr, acc0);
-    for (int i = 0; i < mr; i++)
-        y[i * ystride] = hsum256(_mm256_add_ps(acc0[i], acc1[i]))
-                         - zero_point_term(s, zps, P->cb + (i0 + i) * nb, nb);
-}
-
-ET_INLINE void q4q8_rows_avx2(const q8_prep *P, const uint8_t *packed, const float *scales,
-                         const uint8_t *zps, float *y, size_t m, size_t n, size_t k,
-                         const size_t block, size_t r0, size_t r1) {
-    const size_t nb = k / block;
-    for (size_t r = r0; r < r1; r++) {
-        const uint8_t *p = packed + r * (k / 2);
-        const float *s = scales + r * nb;
-        const uint8_t *z = zps ? zps + r * nb : NULL;
-#define ROW(MR) q4q8_row(p, s, z, P, i, y + i * n + r, n, k, block, MR)
-        ET_MR_GROUPS(m, ROW)
-#undef ROW
-    }
-}
-
-ET_AVX2 static void q4q8_gemm_avx2(const q8_prep *P, const uint8_t *packed, const float *scales,
-                                   const uint8_t *zps, float *y, size_t m, size_t n, size_t k,
-                                   size_t block, size_t r0, size_t r1) {
-#define CALL(B) q4q8_rows_avx2(P, packed, scales, zps, y, m, n, k, B, r0, r1)
-    ET_BY_BLOCK(block, CALL)
-#undef CALL
-}
 
 /* NF4's 16 fp32 code values as 4 byte planes, each a 16-entry byte-shuffle table repeated in
  * both 128-bit lanes: plane j holds byte j of every code value. Looking the 4 bytes up
@@ -560,7 +379,7 @@ ET_AVX2 static void nf4_gemv_avx2(const float *xp, const uint8_t *packed, const 
  * A 64-element block is one 32-byte load: 2 shuffles give the 64 weight magnitudes, and the
  * sign goes onto the activations instead (vpsignb by code - 7: codes 0-6 are negative, 7 is
  * zero), so maddubs (u8 x s8 -> s16 pairs, at most 2 * 127 * 127, no saturation) computes
- * w * xq. The activations are prepared by prepare_q8 with 64-element blocks: its chunk order
+ * w * xq. The activations are prepared by et_prepare_q8 with 64-element blocks: its chunk order
  * (32 even-position codes, then 32 odd) meets the low and high nibbles of the load. */
 ET_INLINE void nf4q8_block(const uint8_t *p, float a, const q8_prep *P, const float *xs127,
                            size_t i0, size_t k, size_t b, __m256i tabs, const int mr,
@@ -701,31 +520,6 @@ int et_q4_gemm_f32(const float *x, const uint8_t *packed, const float *scales, c
     return 0;
 }
 
-int et_q4q8_gemm(const float *x, const uint8_t *packed, const float *scales, const uint8_t *zps,
-                 float *y, size_t m, size_t n, size_t k, size_t block, int threads, int use_simd) {
-    int nt = team_size(threads, n, k);
-    size_t nb = k / block;
-    /* one allocation: codes (m k), lane scales (m k / 8), block scales and sums (2 m nb) */
-    char *buf = malloc(m * k + sizeof(float) * (m * k / 8 + 2 * m * nb));
-    if (!buf) return -1;
-    int8_t *xq = (int8_t *)buf;
-    float *sx = (float *)(buf + m * k), *xs = sx + m * k / 8, *cb = xs + m * nb;
-#ifdef ET_X86
-    if (use_simd && k % 64 == 0) {
-        q8_prep P = {xq, sx, cb};
-        prepare_q8(x, &P, xs, m, k, block);
-        ET_FOR_ROWS(nt, n, q4q8_gemm_avx2(&P, packed, scales, zps, y, m, n, k, block, r0, r1));
-        free(buf);
-        return 0;
-    }
-#endif
-    (void)use_simd;
-    (void)cb;
-    et_q8_quantize(x, xq, xs, m, k, block);
-    ET_FOR_ROWS(nt, n, q4q8_rows(xq, xs, packed, scales, zps, y, m, n, k, block, r0, r1));
-    free(buf);
-    return 0;
-}
 
 int et_nf4_gemv(const float *x, const uint8_t *packed, const et_absmax *absmax, const float *code,
                 float *y, size_t m, size_t n, size_t k, int threads, int use_simd) {
@@ -760,9 +554,9 @@ int et_nf4_q8_gemv(const float *x, const uint8_t *packed, const et_absmax *absma
     int8_t *xq = (int8_t *)buf;
     float *sx = (float *)(buf + m * k), *xs = sx + m * k / 8, *cb = xs + m * nb, *xs127 = cb + m * nb;
 #ifdef ET_X86
-    q8_prep P = {xq, sx, cb};
+    q8_prep P = {xq, sx, cb, NULL};
     if (use_simd) {
-        prepare_q8(x, &P, xs, m, k, 64);
+        et_prepare_q8(x, &P, xs, m, k, 64);
         simd = 1;
     }
 #endif
