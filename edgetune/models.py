@@ -18,9 +18,27 @@ SUPPORTED = ("llama", "phi3", "mistral", "qwen2")
 _TINY = Path(__file__).parent / "assets" / "tiny-phi3"
 
 
+#: the files that carry a model dir's tokenizer and chat template
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
 def tiny_model_path() -> Path:
     """The shipped tiny Phi-3-architecture base model (see examples/pretrain_tiny_model.py)."""
     return _TINY
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src``'s tokenizer and chat template (TOKENIZER_FILES) into ``dst``: how a
+    random-weight model dir gets the shipped tiny tokenizer (ids < 2048)."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(src) / name, Path(dst) / name)
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:

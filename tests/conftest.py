@@ -120,10 +120,10 @@ def family_config():
 def family_model(tmp_path_factory, tiny_model):
     """family -> a saved tiny random-weight model dir of that family (with the shipped
     tokenizer), built once per session."""
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM
+
+    from edgetune.models import copy_tokenizer
 
     made = {}
 
@@ -132,13 +132,7 @@ def family_model(tmp_path_factory, tiny_model):
             d = tmp_path_factory.mktemp(family)
             torch.manual_seed(0)
             AutoModelForCausalLM.from_config(tiny_family_config(family)).save_pretrained(d)
-            for name in (
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-                "chat_template.jinja",
-            ):
-                shutil.copy(tiny_model / name, d / name)
+            copy_tokenizer(tiny_model, d)
             made[family] = d
         return made[family]
 

@@ -14,15 +14,8 @@ import torch
 
 from edgetune.errors import ModelError, OutputExistsError
 from edgetune.merge import ADAPTER_META, load_adapted, merge, nf4_weights
-from edgetune.models import load_model
+from edgetune.models import TOKENIZER_FILES, copy_tokenizer, load_model
 from edgetune.tensors import INDEX, SafetensorsSource, read_header
-
-TOKENIZER = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 
 
 def rel_err(a, b):
@@ -150,8 +143,7 @@ def test_dtype_kept_and_loads_in_transformers(kind, family_model, tiny_model, tm
         load_model(family_model("phi3")).to(torch.bfloat16).save_pretrained(
             base, max_shard_size="200KB"
         )
-        for name in TOKENIZER:
-            shutil.copy(family_model("phi3") / name, base / name)
+        copy_tokenizer(family_model("phi3"), base)
         assert (base / INDEX).is_file()
     adapter = random_adapter(base, tmp_path / "adapter", "qlora")
     out = merge(base, adapter, tmp_path / "merged")
@@ -163,7 +155,7 @@ def test_dtype_kept_and_loads_in_transformers(kind, family_model, tiny_model, tm
     assert abs(size(out) - size(base)) < 0.02 * size(base)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == str(torch_dtype).removeprefix("torch.")
-    for name in TOKENIZER + ("generation_config.json",):
+    for name in TOKENIZER_FILES + ("generation_config.json",):
         assert (out / name).is_file() == (base / name).is_file()
 
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
@@ -181,8 +173,7 @@ def test_sharded_base_and_sharded_output(family_model, tmp_path, monkeypatch):
 
     base = tmp_path / "base"
     load_model(family_model("llama")).save_pretrained(base, max_shard_size="150KB")
-    for name in TOKENIZER:
-        shutil.copy(family_model("llama") / name, base / name)
+    copy_tokenizer(family_model("llama"), base)
     adapter = random_adapter(base, tmp_path / "adapter", "dora")
     monkeypatch.setattr(m, "MIN_SHARD_BYTES", 0)  # shards of max(largest tensor, one layer)
     out = merge(base, adapter, tmp_path / "merged")

@@ -74,7 +74,7 @@ def _build(out: Path, log) -> None:
     from transformers import Phi3Config, Phi3ForCausalLM
 
     from ..export import ExportConfig, export
-    from ..models import tiny_model_path
+    from ..models import copy_tokenizer, tiny_model_path
 
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.model-", dir=out.parent))
     try:
@@ -82,14 +82,7 @@ def _build(out: Path, log) -> None:
         model = Phi3ForCausalLM(Phi3Config(**BENCH_CONFIG)).float().eval()
         model.save_pretrained(work / "model", safe_serialization=True)
         del model
-        tiny = tiny_model_path()
-        for name in (
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "chat_template.jinja",
-        ):  # the tiny model's tokenizer: ids < 2048 only
-            shutil.copy(tiny / name, work / "model" / name)
+        copy_tokenizer(tiny_model_path(), work / "model")
         # the parity report is not the point here: one short text, two greedy steps
         text = work / "report.txt"
         text.write_text("The function returns the number of items in the list.\n")

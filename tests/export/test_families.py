@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgetune.export import ExportConfig, export
+from edgetune.models import copy_tokenizer
 
 
 @pytest.mark.parametrize("quant,bound", [("none", 1e-4), ("int4", 5e-2)])
@@ -86,7 +87,6 @@ def test_native_long_context_and_sliding_window_match_pytorch(
     """Past Phi-3's original context the native backend switches to longrope's long factors,
     and Mistral's sliding window limits what each position sees, in the batched prompt pass
     and in one-token decoding alike: logits as PyTorch's on an fp32 bundle."""
-    import shutil
 
     import numpy as np
     from transformers import AutoModelForCausalLM
@@ -102,13 +102,7 @@ def test_native_long_context_and_sliding_window_match_pytorch(
     model = AutoModelForCausalLM.from_config(cfg).eval()
     src = tmp_path / "src"
     model.save_pretrained(src)
-    for name in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-    ):
-        shutil.copy(tiny_model / name, src / name)
+    copy_tokenizer(tiny_model, src)
     out = export(
         src, tmp_path / "b", ExportConfig(quant="none", report_tokens=4), log=lambda s: None
     )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edgetune.errors import BundleError
+from edgetune.models import copy_tokenizer
 from edgetune.runtime import Model, SamplingConfig
 
 PROMPTS = [np.random.default_rng(s).integers(6, 2000, 12).tolist() for s in range(4)]
@@ -42,13 +43,7 @@ def tied_model(tmp_path_factory, family_config, tiny_model):
                         p.uniform_(0.8, 1.2)
             d = tmp_path_factory.mktemp(f"tied-{family}")
             model.save_pretrained(d)
-            for name in (
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-                "chat_template.jinja",
-            ):
-                shutil.copy(tiny_model / name, d / name)
+            copy_tokenizer(tiny_model, d)
             made[family] = d, model
         return made[family]
 
