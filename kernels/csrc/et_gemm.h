@@ -9,9 +9,6 @@
 #ifndef ET_PREFETCH
 #define ET_PREFETCH 1024 /* bytes ahead of the weight stream to prefetch */
 #endif
-#ifndef ET_PREFETCH_HINT
-#define ET_PREFETCH_HINT _MM_HINT_NTA /* q4q8.c's weight-stream prefetch hint */
-#endif
 
 /* Output rows go to threads in chunks, whichever thread is free taking the next one (OpenMP
  * dynamic schedule), so a core slowed by a busy neighbour (a shared vCPU, a little core)

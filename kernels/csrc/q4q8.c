@@ -79,7 +79,7 @@ ET_VNNI256_INLINE __m256i dot_vnni256(__m256i lo, __m256i hi, const int8_t *xc, 
         const __m256i m4 = _mm256_set1_epi8(15);                                                 \
         /* a few cache lines ahead of the weight stream (the thread's rows are one contiguous   \
          * stream), non-temporal so the streamed weights do not evict the rest */               \
-        _mm_prefetch((const char *)(p + 32 * c + ET_PREFETCH), ET_PREFETCH_HINT);                     \
+        _mm_prefetch((const char *)(p + 32 * c + ET_PREFETCH), _MM_HINT_NTA);                     \
         __m256i w = _mm256_loadu_si256((const __m256i *)(p + 32 * c));                           \
         __m256i lo = _mm256_and_si256(w, m4);                                                    \
         __m256i hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);                              \
@@ -199,7 +199,7 @@ ET_AVX512_INLINE void q4q8_pair_avx512(const uint8_t *const *p, const float *con
     __m512i lo[ET_NR], hi[ET_NR];
     __m512 sw[ET_NR];
     for (int j = 0; j < nr; j++) {
-        _mm_prefetch((const char *)(p[j] + 32 * c + ET_PREFETCH), ET_PREFETCH_HINT);
+        _mm_prefetch((const char *)(p[j] + 32 * c + ET_PREFETCH), _MM_HINT_NTA);
         __m512i w = _mm512_loadu_si512((const void *)(p[j] + 32 * c));
         lo[j] = _mm512_and_si512(w, m4);
         hi[j] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
