@@ -467,6 +467,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
+    if wanted("serve"):
+        from .serve.cli import add_parser as add_serve
+
+        add_serve(sub)
+
     p = sub.add_parser(
         "bench",
         help="benchmarks against baselines run in the same process",

@@ -25,7 +25,7 @@ import onnx
 
 from ..bundle import commit_dir, file_table, write_manifest
 from ..errors import ConfigError, OutputExistsError
-from ..models import check_model_dir, load_tokenizer
+from ..models import check_model_dir, load_tokenizer, weights_sha256
 from .config import ExportConfig
 from .int8_dynamic import INT8_KIND, quantize_int8_dynamic
 from .quantize import QuantSummary, quantize_weights
@@ -276,6 +276,7 @@ def export(
             bundle,
             {
                 "producer": "edgetune",
+                "source": {"weights_sha256": weights_sha256(model_dir)},
                 "architecture": _architecture(hf_cfg),
                 "quantization": report["quantization"],
                 "decoder": {

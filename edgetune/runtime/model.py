@@ -18,6 +18,7 @@ from ..bundle import read_manifest, verify
 from ..errors import BundleError, ConfigError, EdgetuneError
 from .ort_backend import OrtDecoder
 from .sampling import SamplingConfig, select
+from .text import TextStream
 
 BACKENDS = ("auto", "native", "native-int", "ort")
 
@@ -113,6 +114,18 @@ class Model:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token's text on its own (a logprobs entry): its piece with the tokenizer's
+        word-boundary mark as a space and a byte-fallback token as its byte."""
+        piece = self.tokenizer.id_to_token(token)
+        if piece is None:
+            return ""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
+        if "\u0120" in piece or "\u010a" in piece:  # byte-level BPE (GPT-2, Llama-3, Qwen2)
+            return self.tokenizer.decode([token], skip_special_tokens=False)
+        return piece.replace("\u2581", " ")
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self._template:
             raise BundleError(f"{self.path}: bundle has no chat template")
@@ -166,27 +179,16 @@ class Model:
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         """Yield text pieces as they are generated (stops before any stop string)."""
         cfg = SamplingConfig(**sampling)
-        ids: list[int] = []
-        emitted = ""
+        text = TextStream(self.decode, cfg.stop)
         for tok in self.generate_ids(self.encode(prompt), cfg):
-            ids.append(tok)
-            text = self.decode(ids)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-                continue
-            cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
-            if cut >= 0:
-                if cut > len(emitted):
-                    yield text[len(emitted) : cut]
+            piece = text.push(tok)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            # hold back a tail that could be the start of a stop string
-            hold = max((len(s) - 1 for s in cfg.stop), default=0)
-            safe = len(text) - hold if hold else len(text)
-            if safe > len(emitted):
-                yield text[len(emitted) : safe]
-                emitted = text[:safe]
-        text = self.decode(ids)
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
+        tail = text.finish()
+        if tail:
+            yield tail
 
     def generate(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import mmap
 from pathlib import Path
+from typing import Any, Sequence, Union
 
 import numpy as np
 
@@ -103,6 +104,23 @@ class Rope:
         return kernels.reference.rope_rotate(x, cos, sin)
 
 
+Groups = Sequence[tuple[Union[slice, np.ndarray], Any]]  # (rows, adapter)
+
+
+def adapter_groups(spans: list[tuple[int, int, int]], adapters: list | None) -> Groups:
+    """(rows, adapter) per distinct adapter of a step: a slice when one adapter has all rows,
+    else the row indices of its sequences."""
+    if not adapters or all(a is None for a in adapters):
+        return ()
+    if all(a is adapters[0] for a in adapters):
+        return ((slice(0, spans[-1][1]), adapters[0]),)
+    rows: dict[int, tuple[list[np.ndarray], Any]] = {}
+    for (a, b, _), adapter in zip(spans, adapters, strict=True):
+        if adapter is not None:
+            rows.setdefault(id(adapter), ([], adapter))[0].append(np.arange(a, b))
+    return tuple((np.concatenate(r), ad) for r, ad in rows.values())
+
+
 class NativeDecoder:
     """The decoder of a bundle, run with edgetune.kernels."""
 
@@ -168,8 +186,9 @@ class NativeDecoder:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        """x (T, K) @ W of projection ``name`` (+ bias)."""
+    def linear(self, x: np.ndarray, name: str, groups: Groups = ()) -> np.ndarray:
+        """x (T, K) @ W of projection ``name`` (+ bias); ``groups``: (rows, adapter) whose
+        low-rank update those rows get on top of the shared base weight."""
         lin: Linear = self.lin[name]
         if lin.kind == "q4" and self.integer:
             ws_fx, ws_frac = self.fixed[name]
@@ -186,30 +205,37 @@ class NativeDecoder:
             y = self.gemm[name](x)
         else:
             y = x @ lin.f32
+        for rows, adapter in groups:
+            upd = adapter.modules.get(name)
+            if upd is not None:
+                if isinstance(rows, slice):
+                    upd.apply(y[rows], x[rows])
+                else:
+                    y[rows] = upd.apply(y[rows], x[rows])
         return y + lin.bias if lin.bias is not None else y
 
-    def _qkv(self, i: int, x: np.ndarray):
+    def _qkv(self, i: int, x: np.ndarray, g: Groups):
         p = f"model.layers.{i}.self_attn"
         if f"{p}.qkv_proj" in self.lin:
-            qkv = self.linear(x, f"{p}.qkv_proj")
+            qkv = self.linear(x, f"{p}.qkv_proj", g)
             q_end = self.n_heads * self.head_dim
             kv_end = q_end + self.n_kv * self.head_dim
             return qkv[:, :q_end], qkv[:, q_end:kv_end], qkv[:, kv_end:]
         return (
-            self.linear(x, f"{p}.q_proj"),
-            self.linear(x, f"{p}.k_proj"),
-            self.linear(x, f"{p}.v_proj"),
+            self.linear(x, f"{p}.q_proj", g),
+            self.linear(x, f"{p}.k_proj", g),
+            self.linear(x, f"{p}.v_proj", g),
         )
 
-    def _mlp(self, i: int, x: np.ndarray) -> np.ndarray:
+    def _mlp(self, i: int, x: np.ndarray, g: Groups) -> np.ndarray:
         p = f"model.layers.{i}.mlp"
         if f"{p}.gate_up_proj" in self.lin:
-            gu = self.linear(x, f"{p}.gate_up_proj")
+            gu = self.linear(x, f"{p}.gate_up_proj", g)
         else:
             gu = np.concatenate(
-                [self.linear(x, f"{p}.gate_proj"), self.linear(x, f"{p}.up_proj")], axis=1
+                [self.linear(x, f"{p}.gate_proj", g), self.linear(x, f"{p}.up_proj", g)], axis=1
             )
-        return self.linear(kernels.swiglu(gu), f"{p}.down_proj")
+        return self.linear(kernels.swiglu(gu), f"{p}.down_proj", g)
 
     def _attend(
         self,
@@ -283,7 +309,10 @@ class NativeDecoder:
         return logits[None], cache
 
     def step(
-        self, batch: list[tuple[np.ndarray, KVCache]], last_only: bool = True
+        self,
+        batch: list[tuple[np.ndarray, KVCache]],
+        last_only: bool = True,
+        adapters: list | None = None,
     ) -> list[np.ndarray]:
         """One pass over several sequences: ``batch`` holds each sequence's new token ids
         (t_i,) and its own cache (any length, any position). Every projection runs once for
@@ -292,9 +321,12 @@ class NativeDecoder:
         Returns each sequence's logits, (t_i, V), or (1, V) of its last position with
         ``last_only``; each cache grows by t_i. Every row is computed exactly as alone (the
         kernels' outputs depend on their own row only), so a sequence gets the same tokens in
-        a batch as by itself."""
+        a batch as by itself. ``adapters``: per sequence, a ``runtime.adapters.Adapter`` (or
+        None for the base) whose low-rank updates its rows get."""
         if not batch:
             return []
+        if adapters is not None and len(adapters) != len(batch):
+            raise ValueError(f"{len(adapters)} adapters for {len(batch)} sequences")
         spans: list[tuple[int, int, int]] = []  # (first row, end row, cached positions)
         ropes: list[tuple[np.ndarray, np.ndarray]] = []
         ids_all: list[np.ndarray] = []
@@ -317,20 +349,23 @@ class NativeDecoder:
             ropes.append(self.rope.tables(np.arange(start, start + ids.size), start + ids.size))
             ids_all.append(ids)
         x = np.ascontiguousarray(self.embed[np.concatenate(ids_all)], dtype=np.float32)
+        g = adapter_groups(spans, adapters)
         for i, (n_in, n_post) in enumerate(self.norms):
-            q, k, v = self._qkv(i, rms_norm(x, n_in, self.eps))
+            q, k, v = self._qkv(i, rms_norm(x, n_in, self.eps), g)
             att = [
                 self._attend(i, q[a:b], k[a:b], v[a:b], cache, start, rope)
                 for (a, b, start), (_, cache), rope in zip(spans, batch, ropes, strict=True)
             ]
             att_x = att[0] if len(att) == 1 else np.concatenate(att)
-            x = x + self.linear(att_x, f"model.layers.{i}.self_attn.o_proj")
-            x = x + self._mlp(i, rms_norm(x, n_post, self.eps))
+            x = x + self.linear(att_x, f"model.layers.{i}.self_attn.o_proj", g)
+            x = x + self._mlp(i, rms_norm(x, n_post, self.eps), g)
         for (a, b, start), (_, cache) in zip(spans, batch, strict=True):
             cache.length = start + (b - a)
         if last_only:
             x = x[[b - 1 for _, b, _ in spans]]
-        logits = self.linear(rms_norm(x, self.final_norm, self.eps), "lm_head")
+            spans = [(j, j + 1, 0) for j in range(len(spans))]
+            g = adapter_groups(spans, adapters)
+        logits = self.linear(rms_norm(x, self.final_norm, self.eps), "lm_head", g)
         if last_only:
             return [logits[j : j + 1] for j in range(len(spans))]
         return [logits[a:b] for a, b, _ in spans]

@@ -23,6 +23,7 @@ from ..data import load_examples, tokenize_examples
 from ..data.tokenize import IGNORE, TokenizedExample
 from ..errors import ConfigError, OutputExistsError
 from ..merge import ADAPTER_META
+from ..models import weights_sha256
 from . import checkpoint
 from .config import TrainConfig
 from .head import logits_only_at
@@ -222,6 +223,7 @@ def save_adapter(model, cfg: TrainConfig, out: Path, state_dict=None) -> Path:
         "method": cfg.method,
         "base_quantization": "nf4" if cfg.quantized else "none",
         "base_model": str(Path(cfg.model).resolve()),
+        "base_weights_sha256": weights_sha256(cfg.model),
         "rank": cfg.rank,
         "alpha": cfg.alpha,
     }
