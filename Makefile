@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py kernels/csrc/*.c kernels/csrc/*.h kernels/_cke
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,export,distributed,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,export,distributed,serve,dev]"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

@@ -54,7 +54,14 @@ class Server:
     adapters: dict[str, Any] = field(default_factory=dict)  # id -> runtime.adapters.Adapter
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
+    grammars: Any = None  # serve.grammar.Grammars (built from the model when not given)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        if self.grammars is None:
+            from .grammar import Grammars
+
+            self.grammars = Grammars(self.model)
 
     @property
     def names(self) -> list[str]:
@@ -237,8 +244,6 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        from .grammar import constraint
-
         refused = unsupported(body)
         if refused:
             raise bad_request(f"{refused}: not supported by edgetune serve", param=refused)
@@ -258,7 +263,7 @@ def create_app(server: Server) -> FastAPI:
             sampling_config(body, max_tokens, budget),
             adapter,
             (body.top_logprobs or 0) if body.logprobs else None,
-            constraint(body.response_format, server.model),
+            await asyncio.to_thread(server.grammars.constraint, body.response_format),
         )
         cid = R.new_id("chatcmpl")
         if body.stream:

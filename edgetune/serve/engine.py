@@ -274,7 +274,7 @@ class Engine:
         grammar = job.grammar
         masked = logits
         if grammar is not None:
-            masked = grammar.mask(logits, self.eos)
+            masked = grammar.mask(logits)
         token = select(masked, s.context, job.sampling, s.rng)
         if token in self.eos or (grammar is not None and grammar.finished):
             self._finish(s, "stop")
