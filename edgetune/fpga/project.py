@@ -83,10 +83,10 @@ def _from_bundle(bundle: Path, prompt: str) -> tuple[dict, dict[str, np.ndarray]
     seen: dict[str, np.ndarray] = {}
     plain = dec.linear
 
-    def recording(x, name):
+    def recording(x, name, groups=()):
         if name.startswith("model.layers.0."):
             seen[name] = np.array(x[-1])
-        return plain(x, name)
+        return plain(x, name, groups)
 
     dec.linear = recording  # type: ignore[method-assign]  # this decoder only: records layer 0
     dec.forward(np.array([model.encode(prompt)]))

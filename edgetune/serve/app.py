@@ -202,7 +202,8 @@ def job_error(e: Exception) -> APIError:
     return server_error(f"generation failed: {type(e).__name__}: {e}")
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server) -> Guard:
+    """The ASGI app: FastAPI's routes behind the Guard middleware."""
     app = FastAPI(title="edgetune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 

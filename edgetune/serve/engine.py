@@ -230,8 +230,9 @@ class Engine:
                 budget -= take
             else:
                 work.append((s, [s.last]))
+        logits: list[np.ndarray | None]
         try:
-            logits = self._forward(work)
+            logits = list(self._forward(work))
         except Exception:  # find the one that fails; the others go on
             logits = []
             for s, ids in work:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import bad_request
 
-JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS: Any = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions
 """Compact output: ``{"a":1}``; the grammar never lets the model pad with spaces or newlines."""
 
 

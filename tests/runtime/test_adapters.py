@@ -19,11 +19,11 @@ import pytest
 from peft_adapters import random_adapter
 from safetensors.numpy import load_file, save_file
 
+from edgetune.bundle import read_manifest
 from edgetune.errors import ModelError
 from edgetune.export import ExportConfig, export
 from edgetune.merge import ADAPTER_META, merge
 from edgetune.runtime.adapters import load_adapter
-from edgetune.bundle import read_manifest
 from edgetune.runtime.native import NativeDecoder
 
 PROMPT = list(range(40, 72))
@@ -90,10 +90,10 @@ def test_mixed_adapters_in_one_batch_equal_each_alone(built):
     dora = load_adapter(built["dora"], base, manifest)
     prompts = [PROMPT, list(range(5, 12)), list(range(90, 105))]
     chosen = [lora, None, dora]
-    alone = [logits(base, a, p) for a, p in zip(chosen, prompts)]
+    alone = [logits(base, a, p) for a, p in zip(chosen, prompts, strict=True)]
     batch = [(np.array(p), base.new_cache()) for p in prompts]
     together = base.step(batch, last_only=False, adapters=chosen)
-    for a, b in zip(together, alone):
+    for a, b in zip(together, alone, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

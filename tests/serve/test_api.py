@@ -77,7 +77,10 @@ def test_completions_with_logprobs(server, base_int4):
     assert all(v <= 0 for v in lp.token_logprobs)
     assert all(len(t) == 3 for t in lp.top_logprobs)
     # greedy: the chosen token is the most likely one
-    assert all(max(t.values()) == pytest.approx(v) for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert all(
+        max(t.values()) == pytest.approx(v)
+        for t, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
     assert lp.text_offset == sorted(lp.text_offset)
 
 
