@@ -237,8 +237,19 @@ def cmd_bench(args) -> int:
 
 def _bench(args, log):
     """Run one benchmark: its JSON-ready report with --json, else print its table (None)."""
-    if args.what != "runtime" and args.bundle:
-        raise ConfigError(f"bench {args.what} takes no bundle (only bench runtime does)")
+    if args.what not in ("runtime", "serve") and args.bundle:
+        raise ConfigError(f"bench {args.what} takes no bundle (only bench runtime and serve do)")
+    if args.what == "serve":
+        from .bench import serve as serve_bench
+
+        given = {"threads": args.threads, "prompt_tokens": args.prompt_tokens,
+                 "new_tokens": args.new_tokens}  # fmt: skip
+        cfg = serve_bench.ServeBenchConfig(**{k: v for k, v in given.items() if v is not None})
+        report = serve_bench.bench(args.bundle, cfg, log=log)
+        if args.json:
+            return report
+        print(serve_bench.format_results(report))
+        return 0
     if args.what == "runtime":
         from .bench.runtime import bench, format_results
 
@@ -486,18 +497,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "and time of export, merge, a QLoRA step and decode, each in its own "
         "process, on random Phi-3-mini-width models at --layers layer counts, "
         "with the per-layer slope and the extrapolation to Phi-3-mini and "
-        "Phi-3-medium against the memory targets.",
+        "Phi-3-medium against the memory targets. serve: an edgetune serve process "
+        "under 1, 2, 4 and 8 concurrent streams (TTFT p50/p95, aggregate tok/s), an "
+        "unmerged adapter's decode against the base, and HTTP against edgetune run.",
     )
-    p.add_argument("what", choices=("kernels", "runtime", "train", "dist", "scale"))
+    p.add_argument("what", choices=("kernels", "runtime", "train", "dist", "scale", "serve"))
     p.add_argument(
         "bundle",
         nargs="?",
-        help="runtime: the bundle to run (default: a cached "
+        help="runtime, serve: the bundle to run (default: a cached "
         "~0.55B-parameter Phi-3-shaped int4 bundle with random weights, built once)",
     )
-    p.add_argument("--threads", type=int, default=2, help="runtime: threads per backend")
-    p.add_argument("--prompt-tokens", type=int, help="runtime: prompt length (default 128)")
-    p.add_argument("--new-tokens", type=int, help="runtime: tokens to decode (default 64)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="runtime: threads per backend; serve: server threads"
+    )
+    p.add_argument("--prompt-tokens", type=int, help="runtime, serve: prompt length (default 128)")
+    p.add_argument("--new-tokens", type=int, help="runtime, serve: tokens to decode (default 64)")
     p.add_argument("--json", action="store_true", help="one JSON object with a results list")
     p.add_argument(
         "--quick",

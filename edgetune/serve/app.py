@@ -265,6 +265,7 @@ def create_app(server: Server) -> Guard:
             adapter,
             (body.top_logprobs or 0) if body.logprobs else None,
             await asyncio.to_thread(server.grammars.constraint, body.response_format),
+            body.ignore_eos,
         )
         cid = R.new_id("chatcmpl")
         if body.stream:
@@ -288,7 +289,13 @@ def create_app(server: Server) -> Guard:
         ids = prompt_ids(server, body.prompt)
         budget = check_length(server, len(ids), body.max_tokens, "prompt")
         max_tokens = body.max_tokens or min(16, budget)  # OpenAI's default for completions
-        job = Job(ids, sampling_config(body, max_tokens, budget), adapter, body.logprobs)
+        job = Job(
+            ids,
+            sampling_config(body, max_tokens, budget),
+            adapter,
+            body.logprobs,
+            ignore_eos=body.ignore_eos,
+        )
         cid = R.new_id("cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -11,7 +11,7 @@ next pass and its KV cache freed. The ONNX Runtime backend has no batched step: 
 sequence runs its own forward, in turn, in the same loop.
 
 Requests come from the server's event loop (``submit``) and their tokens go back to it
-(``Handle``, an async iterator) through ``call_soon_threadsafe``. A failure in one sequence
+(``Handle``, an async iterator), a pass's events in one ``call_soon_threadsafe``. A failure in one sequence
 (its grammar, its sampling) ends that sequence with an error event; a failing batched pass is
 retried sequence by sequence so only the one that fails is dropped (a cache grows only when
 its pass completes, so a retry recomputes the same rows).
@@ -55,6 +55,7 @@ class Job:
     adapter: Any = None  # runtime.adapters.Adapter, or None for the base
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and k others
     grammar: Any = None  # serve.grammar.Constraint, or None
+    ignore_eos: bool = False  # decode to max_new_tokens whatever is picked (benchmarks)
 
 
 @dataclass
@@ -83,17 +84,16 @@ class Handle:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._held: deque = deque()  # events the worker made, not yet handed to the loop
         self.cancelled = False
 
     def cancel(self) -> None:
         """Stop generating (the client went away): the sequence leaves at the next pass."""
         self.cancelled = True
 
-    def _put(self, event) -> None:  # from the worker thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening
-            self.cancelled = True
+    def _deliver(self) -> None:  # on the event loop (deque append/popleft are thread-safe)
+        while self._held:
+            self._queue.put_nowait(self._held.popleft())
 
     def __aiter__(self):
         return self
@@ -105,6 +105,11 @@ class Handle:
         if event is None:
             raise StopAsyncIteration
         return event
+
+
+def _deliver_all(handles) -> None:
+    for h in handles:
+        h._deliver()
 
 
 class _Seq:
@@ -154,6 +159,7 @@ class Engine:
         self._active: list[_Seq] = []
         self._lock = threading.Condition()
         self._closing = False
+        self._touched: set[Handle] = set()  # handles with events held this pass (worker only)
         self.passes = 0
         self.tokens = 0
         self._thread = threading.Thread(target=self._run, name="edgetune-engine", daemon=True)
@@ -203,16 +209,37 @@ class Engine:
                     self._active.append(self._waiting.popleft())
                 for s in [s for s in self._waiting if s.handle.cancelled]:
                     self._waiting.remove(s)
-                    s.handle._put(None)
+                    self._emit(s.handle, None)
             self._active = [s for s in self._active if not self._drop_cancelled(s)]
             if self._active:
                 self._pass()
+            self._flush()
         for s in [*self._active, *self._waiting]:
-            s.handle._put(RuntimeError("the server is shutting down"))
+            self._emit(s.handle, RuntimeError("the server is shutting down"))
+        self._flush()
+
+    def _emit(self, handle: Handle, event) -> None:
+        """Hold an event for its handle until the pass ends (``_flush``)."""
+        handle._held.append(event)
+        self._touched.add(handle)
+
+    def _flush(self) -> None:
+        """Hand the pass's events to their loops: one wake-up of each loop per pass (not one
+        per token), so the event loop's work does not interleave with the pass."""
+        by_loop: dict = {}
+        for h in self._touched:
+            by_loop.setdefault(h._loop, []).append(h)
+        self._touched = set()
+        for loop, hs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, hs)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                for h in hs:
+                    h.cancelled = True
 
     def _drop_cancelled(self, s: _Seq) -> bool:
         if s.handle.cancelled:
-            s.handle._put(None)
+            self._emit(s.handle, None)
             s.cache = None  # frees the KV cache
             return True
         return False
@@ -277,7 +304,7 @@ class Engine:
         if grammar is not None:
             masked = grammar.mask(logits)
         token = select(masked, s.context, job.sampling, s.rng)
-        if token in self.eos or (grammar is not None and grammar.finished):
+        if (token in self.eos and not job.ignore_eos) or (grammar is not None and grammar.finished):
             self._finish(s, "stop")
             return
         if grammar is not None:
@@ -290,7 +317,7 @@ class Engine:
             event.piece = self._piece(s, token)
             event.logprob, top = top_logprobs(logits, token, job.logprobs)
             event.top = [(self.model.token_text(i), lp) for i, lp in top]
-        s.handle._put(event)
+        self._emit(s.handle, event)
         budget = min(job.sampling.max_new_tokens, self.model.context_length - len(job.prompt_ids))
         if s.text.stopped or (grammar is not None and grammar.finished):
             self._finish(s, "stop")
@@ -307,14 +334,14 @@ class Engine:
         return piece
 
     def _finish(self, s: _Seq, reason: str) -> None:
-        s.handle._put(Done(reason, len(s.job.prompt_ids), s.generated, s.text.finish()))
-        s.handle._put(None)
+        self._emit(s.handle, Done(reason, len(s.job.prompt_ids), s.generated, s.text.finish()))
+        self._emit(s.handle, None)
         s.cache = None
         self._active.remove(s)
 
     def _fail(self, s: _Seq, error: Exception) -> None:
-        s.handle._put(error)
-        s.handle._put(None)
+        self._emit(s.handle, error)
+        self._emit(s.handle, None)
         s.cache = None
         if s in self._active:
             self._active.remove(s)

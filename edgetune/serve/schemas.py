@@ -67,6 +67,7 @@ class Sampling(Strict):
     # extras (vLLM, llama.cpp)
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)
+    ignore_eos: bool = False  # vLLM's: decode max_tokens even past end of sequence (benchmarks)
 
 
 class ChatRequest(Sampling):
