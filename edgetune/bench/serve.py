@@ -152,7 +152,7 @@ def stream_once(url: str, model: str, prompt: list[int], new_tokens: int) -> dic
         "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
         "logprobs": 0,
     }  # fmt: skip
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=600)
     stamps: list[float] = []
     usage = None
     try:
