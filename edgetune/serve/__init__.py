@@ -57,14 +57,58 @@ def load_server(cfg: ServeConfig, log=print):
         ),
     )
     base = cfg.name or Path(os.path.abspath(cfg.bundle)).name
-    return Server(
+    if base in adapters:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"model id {base!r} is given twice (the base and an adapter)")
+    server = Server(
         model=model,
         engine=engine,
         base=base,
         adapters=adapters,
         api_key=cfg.api_key,
         max_body_bytes=cfg.max_body_bytes,
-    ), backend
+        max_upload_bytes=cfg.max_upload_bytes,
+    )
+    if cfg.state_dir:
+        if backend != "native":
+            raise BundleError("the fine-tuning service serves its models as adapters: it needs "
+                              "the native backend")  # fmt: skip
+        server.runner = start_jobs(cfg, server, log)
+    return server, backend
+
+
+def start_jobs(cfg: ServeConfig, server, log):
+    """The fine-tuning service: the store under --state-dir and the job runner, after
+    checking that --base is the model the bundle was exported from."""
+    from pathlib import Path
+
+    from ..errors import ModelError
+    from ..models import weights_sha256
+    from ..runtime.adapters import base_fingerprint, load_adapter
+    from .finetune import JobRunner, RunnerConfig
+    from .store import Store
+
+    assert cfg.base and cfg.state_dir
+    exported_from = base_fingerprint(server.model.manifest)
+    if exported_from and Path(cfg.base).is_dir() and weights_sha256(cfg.base) != exported_from:
+        raise ModelError(
+            f"--base {cfg.base}: its weights are not the ones {cfg.bundle} was exported from "
+            "(SHA-256 differs): give the model dir the bundle was exported from"
+        )
+
+    def publish(name: str, adapter_dir: Path) -> None:
+        adapter = load_adapter(adapter_dir, server.model.decoder, server.model.manifest, name)
+        server.adapters[name] = adapter
+
+    store = Store(cfg.state_dir)
+    runner_cfg = RunnerConfig(
+        base_model=cfg.base,
+        base_name=server.base,
+        max_concurrent=cfg.max_concurrent_jobs,
+        train_threads=cfg.train_threads,
+    )
+    return JobRunner(store, runner_cfg, publish, log)
 
 
 def serve(cfg: ServeConfig, log=print) -> None:
@@ -103,4 +147,6 @@ def serve(cfg: ServeConfig, log=print) -> None:
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        if server.runner is not None:
+            server.runner.close()
         server.engine.close()

@@ -55,6 +55,8 @@ class Server:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     grammars: Any = None  # serve.grammar.Grammars (built from the model when not given)
+    runner: Any = None  # serve.finetune.JobRunner: the fine-tuning service, when started
+    max_upload_bytes: int = 256 << 20
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
@@ -96,6 +98,8 @@ class Guard:
             if not hmac.compare_digest(given.encode(), key.encode()):
                 return await error_response(unauthorized())(scope, receive, send)
         limit = self.server.max_body_bytes
+        if scope["path"] == "/v1/files" and scope["method"] == "POST":
+            limit = self.server.max_upload_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await error_response(too_large(limit))(scope, receive, send)
@@ -227,6 +231,11 @@ def create_app(server: Server) -> Guard:
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):
         return error_response(server_error(f"{type(e).__name__}: {e}"))
+
+    if server.runner is not None:
+        from .ft_api import add_routes
+
+        add_routes(app, server.runner.store, server.runner, server.base, server.max_upload_bytes)
 
     @app.get("/health")
     async def health():

@@ -36,14 +36,14 @@ def add_parser(sub) -> None:
         "max_queue",
         "prefill_chunk",
         "max_body_bytes",
+        "base",
+        "state_dir",
+        "max_concurrent_jobs",
+        "train_threads",
+        "max_upload_bytes",
     ):
         f = doc[name]
-        kind = (
-            int
-            if name
-            in ("port", "threads", "max_batch", "max_queue", "prefill_chunk", "max_body_bytes")
-            else str
-        )
+        kind = int if isinstance(f.default, int) or name in ("threads", "train_threads") else str
         p.add_argument(
             f"--{name.replace('_', '-')}", type=kind, default=f.default, help=_help(name)
         )
@@ -74,6 +74,11 @@ def cmd_serve(args) -> int:
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         max_body_bytes=args.max_body_bytes,
+        base=args.base,
+        state_dir=args.state_dir,
+        max_concurrent_jobs=args.max_concurrent_jobs,
+        train_threads=args.train_threads,
+        max_upload_bytes=args.max_upload_bytes,
     )
     serve(cfg)
     return 0

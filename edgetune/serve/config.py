@@ -38,6 +38,17 @@ class ServeConfig:
     """Prompt tokens read per pass: how long a new prompt can hold the others up."""
     max_body_bytes: int = 4 << 20
     """Largest request body accepted (413 above)."""
+    base: str | None = None
+    """Fine-tuning service: the Hugging Face model dir the bundle was exported from (jobs
+    train it; needs --state-dir)."""
+    state_dir: str | None = None
+    """Fine-tuning service: where files, jobs and checkpoints live (SQLite + files)."""
+    max_concurrent_jobs: int = 1
+    """Fine-tuning jobs trained at once (each in its own process)."""
+    train_threads: int | None = None
+    """torch threads of each training process (default: all cores, shared with inference)."""
+    max_upload_bytes: int = 256 << 20
+    """Largest file accepted by POST /v1/files (413 above)."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "native", "ort"):
@@ -49,9 +60,13 @@ class ServeConfig:
             ("max_queue", self.max_queue),
             ("prefill_chunk", self.prefill_chunk),
             ("max_body_bytes", self.max_body_bytes),
+            ("max_concurrent_jobs", self.max_concurrent_jobs),
+            ("max_upload_bytes", self.max_upload_bytes),
         ):
             if value < 1:
                 raise ConfigError(f"{field_} must be >= 1, got {value}")
+        if (self.base is None) != (self.state_dir is None):
+            raise ConfigError("the fine-tuning service needs both --base MODEL_DIR and --state-dir")
         names = [n for n, _ in self.adapters]
         dup = next((n for n in names if names.count(n) > 1 or n == self.name), None)
         if dup:

@@ -147,6 +147,7 @@ def run(
                 "loss": loss_sum / max(n_total, 1),
                 "lr": sched.get_last_lr()[0],
                 "tokens_per_s": tokens / (time.perf_counter() - t0),
+                "tokens": int(tokens),
             }
             if eval_rows and (step % cfg.eval_every == 0 or step == steps):
                 rec["eval_loss"] = eval_loss(engine.model, eval_rows, cfg, pad_id, world.device)
