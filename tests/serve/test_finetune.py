@@ -182,7 +182,7 @@ def test_a_killed_server_resumes_the_job_to_the_same_adapter(base_fp32, tiny_mod
             job = create(client, f)
             if mode == "killed":
                 ckpts = state / "jobs" / job.id / "run" / "checkpoints"
-                assert wait_for(lambda: ckpts.is_dir() and len(os.listdir(ckpts)) >= 2,
+                assert wait_for(lambda c=ckpts: c.is_dir() and len(os.listdir(c)) >= 2,
                                 timeout=180, every=0.02)  # fmt: skip
                 os.kill(s.pid, signal.SIGKILL)
                 s.proc.wait(10)
