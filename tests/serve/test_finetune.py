@@ -24,9 +24,12 @@ from .conftest import Running, wait_for
 STEPS = {"max_steps": 12, "save_every": 3, "rank": 8}
 
 
+UPLOAD_LIMIT = 2_000_000  # bytes: the shipped training file is about 0.4 MB
+
+
 def start(base_fp32, tiny_model, state) -> Running:
     return Running([str(base_fp32), "--name", "tiny", "--base", str(tiny_model),
-                    "--state-dir", str(state)])  # fmt: skip
+                    "--state-dir", str(state), "--max-upload-bytes", str(UPLOAD_LIMIT)])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +54,18 @@ def wait_job(client, job_id: str, timeout: float = 300.0):
     raise AssertionError(f"job {job_id} still {job.status} after {timeout} s")
 
 
-def create(client, training_file, **edgetune):
+def create(client, training_file, validation_file=None, **edgetune):
     return client.fine_tuning.jobs.create(
         model="tiny", training_file=training_file.id, suffix="home", seed=3,
+        validation_file=validation_file.id if validation_file else openai_not_given(),
         hyperparameters={"batch_size": 4}, extra_body={"edgetune": {**STEPS, **edgetune}},
     )  # fmt: skip
+
+
+def openai_not_given():
+    from openai import NOT_GIVEN
+
+    return NOT_GIVEN
 
 
 def test_upload_train_and_chat(service, training_file, task_data):
@@ -64,8 +74,10 @@ def test_upload_train_and_chat(service, training_file, task_data):
     assert client.files.retrieve(training_file.id).bytes == os.path.getsize(task_data[0])
     assert client.files.content(training_file.id).read() == open(task_data[0], "rb").read()
 
-    job = create(client, training_file)
+    heldout = client.files.create(file=open(task_data[1], "rb"), purpose="fine-tune")
+    job = create(client, training_file, heldout)
     assert job.status in ("validating_files", "queued") and job.model == "tiny"
+    assert job.validation_file == heldout.id
     job = wait_job(client, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:tiny:home:{job.id}"
@@ -82,6 +94,8 @@ def test_upload_train_and_chat(service, training_file, task_data):
     (result,) = job.result_files
     csv = client.files.content(result).read().decode().splitlines()
     assert csv[0] == "step,train_loss,valid_loss,tokens" and len(csv) == STEPS["max_steps"] + 1
+    valid = [line.split(",")[2] for line in csv[1:]]
+    assert [i + 1 for i, v in enumerate(valid) if v] == [3, 6, 9, 12]  # every save_every steps
 
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
     prompt = [{"role": "user", "content": "turn off the porch lights at 10pm"}]
@@ -106,6 +120,17 @@ def test_a_bad_file_is_refused_naming_the_line_and_stores_nothing(service, tmp_p
     assert str(tmp_path) not in message  # the server's own paths stay inside
     assert [f.id for f in client.files.list()] == before
     assert not [p for p in os.listdir(service_state(service)) if p.startswith(".upload")]
+
+
+def test_an_upload_over_the_limit_is_413(service, tmp_path):
+    import openai
+
+    big = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "x" * 1000}) + "\n"
+    big.write_text(line * (UPLOAD_LIMIT // len(line) + 10))
+    with pytest.raises(openai.APIStatusError) as e:
+        service.client().files.create(file=open(big, "rb"), purpose="fine-tune")
+    assert e.value.status_code == 413
 
 
 def service_state(service) -> str:
