@@ -1,7 +1,9 @@
 """The fine-tuning service's worker: runs queued jobs as ``edgetune train`` child processes.
 
 A thread in the server polls the store. It starts the oldest queued job (up to
-``max_concurrent`` at once) as ``python -m edgetune.cli train ...`` in its own process, so
+``max_concurrent`` at once) as ``python -m edgetune.cli train ...`` in its own process (then,
+with ``export_bundle``, ``edgetune merge`` and ``edgetune export``: phases read back from the
+job's files, so a restart picks up at the phase it was in), so
 training never blocks inference beyond sharing the cores (the child gets ``train_threads``
 torch threads; the server's kernels keep theirs). The child dies with the server
 (``PR_SET_PDEATHSIG``), so a killed server leaves no orphan that could finish a job twice.
@@ -36,8 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from .store import Store
-
-TRAINER_ERROR_PREFIX = "edgetune train: error: "
 
 
 def _die_with_parent() -> None:  # runs in the child, before exec
@@ -94,7 +94,7 @@ class JobRunner:
         self.cfg = cfg
         self.on_model = on_model
         self.log = log
-        self._procs: dict[str, subprocess.Popen] = {}
+        self._procs: dict[str, tuple[subprocess.Popen, str]] = {}  # job id -> (child, phase)
         self._seen: dict[str, int] = {}  # job id -> metrics lines already turned into events
         self._stop = threading.Event()
         self.recover()
@@ -117,7 +117,7 @@ class JobRunner:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
-        for proc in list(self._procs.values()):
+        for proc, _ in list(self._procs.values()):
             _kill(proc)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -132,13 +132,13 @@ class JobRunner:
     def _tick(self) -> None:
         for job in self.store.jobs_with_status("validating_files"):
             self._validate(job)
-        for job_id, proc in list(self._procs.items()):
+        for job_id, (proc, phase) in list(self._procs.items()):
             self._follow(job_id)
             if proc.poll() is not None:
-                self._finished(job_id, proc)
+                self._finished(job_id, proc, phase)
         for job in self.store.jobs_with_status("cancelled"):
             if job["id"] in self._procs:
-                _kill(self._procs.pop(job["id"]))
+                _kill(self._procs.pop(job["id"])[0])
         queued = self.store.jobs_with_status("queued")
         while queued and len(self._procs) < self.cfg.max_concurrent:
             job = queued.pop(0)
@@ -160,42 +160,73 @@ class JobRunner:
         if self.store.update_job(job["id"], only_if=("validating_files",), status="queued"):
             self.store.add_event(job["id"], "Files validated, job queued")
 
+    def _phase(self, job_id: str, request: dict) -> str | None:
+        """What the job has left to do, read from its files: train, merge, export, or None."""
+        work = self.store.job_dir(job_id)
+        if not (work / "run" / "adapter").is_dir():
+            return "train"
+        if not request["edgetune"].get("export_bundle"):
+            return None
+        if not (work / "merged.done").is_file():
+            return "merge"
+        if not (work / "bundle" / "edgetune.json").is_file():
+            return "export"
+        return None
+
     def _start(self, job: dict) -> None:
         request = json.loads(job["request"])
-        work = self.store.job_dir(job["id"])
-        run = work / "run"
-        work.mkdir(parents=True, exist_ok=True)
-        data = self._blob(request["training_file"])
-        valid = self._blob(request["validation_file"]) if request.get("validation_file") else None
-        args = train_args(request, data, valid, run, self.cfg.base_model)
-        resume = (run / "checkpoints").is_dir() and any(
-            p.name.startswith("step-") for p in (run / "checkpoints").iterdir()
-        )
-        if resume:
-            args.append("--resume")
-        elif run.exists():  # killed before its first checkpoint: start over
-            shutil.rmtree(run)
-            self._seen[job["id"]] = 0
-        env = {**os.environ, "EDGETUNE_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        if self.cfg.train_threads:
-            env["OMP_NUM_THREADS"] = str(self.cfg.train_threads)
-        log = open(work / "train.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgetune.cli", "train", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            preexec_fn=_die_with_parent,
-        )
-        log.close()
+        self.store.job_dir(job["id"]).mkdir(parents=True, exist_ok=True)
         if not self.store.update_job(job["id"], only_if=("queued",), status="running",
                                      started_at=job["started_at"] or int(time.time())):  # fmt: skip
-            _kill(proc)  # cancelled in the meantime
+            return  # cancelled in the meantime
+        self._next(job["id"], request, restarted=True)
+
+    def _next(self, job_id: str, request: dict, restarted: bool = False) -> None:
+        """Launch the job's next phase, or finish it when nothing is left."""
+        phase = self._phase(job_id, request)
+        if phase is None:
+            job = self.store.job(job_id)
+            assert job is not None
+            self._succeeded(job)
             return
-        self._procs[job["id"]] = proc
-        what = "Resumed from the last checkpoint" if resume else "Fine-tuning job started"
-        self.store.add_event(job["id"], what)
+        work = self.store.job_dir(job_id)
+        base = self.cfg.base_model
+        what = {"merge": "Merging the adapter into the base",
+                "export": "Exporting the merged model to an int4 bundle"}.get(phase, "")  # fmt: skip
+        if phase == "train":
+            run = work / "run"
+            data = self._blob(request["training_file"])
+            valid = (
+                self._blob(request["validation_file"]) if request.get("validation_file") else None
+            )
+            args = train_args(request, data, valid, run, base)
+            ckpts = run / "checkpoints"
+            resume = ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
+            if resume:
+                args.append("--resume")
+            elif run.exists():  # killed before its first checkpoint: start over
+                shutil.rmtree(run)
+                self._seen[job_id] = 0
+            what = "Resumed from the last checkpoint" if resume else "Fine-tuning job started"
+        elif phase == "merge":
+            args = ["--model", base, "--adapter", str(work / "run" / "adapter"),
+                    "--out", str(work / "merged"), "--force"]  # fmt: skip
+        else:
+            args = [str(work / "merged"), "--out", str(work / "bundle"), "--force"]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        if self.cfg.train_threads:
+            env["OMP_NUM_THREADS"] = str(self.cfg.train_threads)
+        with open(work / f"{phase}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgetune.cli", phase, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        self._procs[job_id] = (proc, phase)
+        self.store.add_event(job_id, what)
 
     def _blob(self, file_id: str) -> Path:
         row = self.store.file(file_id)
@@ -232,21 +263,28 @@ class JobRunner:
                     if self.store.add_checkpoint(job_id, step, m):
                         self.store.add_event(job_id, f"Checkpoint saved at step {step}")
 
-    def _finished(self, job_id: str, proc: subprocess.Popen) -> None:
+    def _finished(self, job_id: str, proc: subprocess.Popen, phase: str) -> None:
         del self._procs[job_id]
         job = self.store.job(job_id)
         if job is None or job["status"] != "running":
             return
         work = self.store.job_dir(job_id)
-        if proc.returncode == 0 and (work / "run" / "adapter").is_dir():
-            self._succeeded(job)
+        if proc.returncode == 0:
+            if phase == "merge":
+                (work / "merged.done").write_text("ok\n")
+            if phase == "export":
+                shutil.rmtree(work / "merged", ignore_errors=True)
+            self._next(job_id, json.loads(job["request"]))
             return
-        tail = (work / "train.log").read_text(errors="replace").splitlines()
-        message = next((line[len(TRAINER_ERROR_PREFIX):] for line in reversed(tail)
-                        if line.startswith(TRAINER_ERROR_PREFIX)), None)  # fmt: skip
-        code = "invalid_training_file" if message and ".jsonl" in message else "training_failed"
+        prefix = f"edgetune {phase}: error: "
+        tail = (work / f"{phase}.log").read_text(errors="replace").splitlines()
+        message = next((line[len(prefix):] for line in reversed(tail)
+                        if line.startswith(prefix)), None)  # fmt: skip
+        code = "invalid_training_file" if message and ".jsonl" in message else f"{phase}_failed"
         if message is None:
-            message = f"the trainer exited with code {proc.returncode}: " + " | ".join(tail[-3:])
+            message = f"edgetune {phase} exited with code {proc.returncode}: " + " | ".join(
+                tail[-3:]
+            )
         self._end(job_id, "failed", error={"code": code, "message": message, "param": None})
 
     def _succeeded(self, job: dict) -> None:
@@ -293,9 +331,9 @@ class JobRunner:
                                      status="cancelled", finished_at=int(time.time())):  # fmt: skip
             return False
         self.store.add_event(job_id, "The job was cancelled")
-        proc = self._procs.pop(job_id, None)
-        if proc is not None:
-            threading.Thread(target=_kill, args=(proc,), daemon=True).start()
+        running = self._procs.pop(job_id, None)
+        if running is not None:
+            threading.Thread(target=_kill, args=(running[0],), daemon=True).start()
         return True
 
 

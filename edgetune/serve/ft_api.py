@@ -10,7 +10,8 @@ stored. edgetune's own training choices ride in an ``edgetune`` object of the jo
 (``extra_body={"edgetune": {...}}`` with the openai client): ``method`` (qlora, qdora, lora,
 dora; default lora), ``rank`` (16), ``alpha`` (32), ``learning_rate`` (the rate a multiplier
 of 1 means; 2e-4), ``max_steps`` (instead of epochs), ``save_every`` (checkpoint interval in
-steps; 10), ``device`` (auto).
+steps; 10), ``device`` (auto), ``export_bundle`` (also merge and export an int4 bundle; the
+job object's ``edgetune.bundle`` gives its path).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class EdgetuneChoices(Strict):
     max_steps: int | None = Field(default=None, ge=1)
     save_every: int = Field(default=10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    export_bundle: bool = False
 
 
 class JobRequest(Strict):
@@ -87,7 +89,9 @@ def file_object(row: dict) -> dict:
     }
 
 
-def job_object(row: dict) -> dict:
+def _job_object(row: dict, bundle: Path | None = None) -> dict:
+    """OpenAI's job object; ``edgetune`` holds the job's own choices and, once exported,
+    the int4 bundle's path (``edgetune run`` loads it)."""
     req = json.loads(row["request"])
     return {
         "object": "fine_tuning.job",
@@ -115,7 +119,7 @@ def job_object(row: dict) -> dict:
         "organization_id": "edgetune",
         "estimated_finish": None,
         "integrations": [],
-        "edgetune": req["edgetune"],
+        "edgetune": {**req["edgetune"], "bundle": str(bundle) if bundle else None},
     }
 
 
@@ -160,6 +164,10 @@ def validate_upload(path: Path, filename: str) -> None:
 
 
 def add_routes(app: FastAPI, store: Store, runner: JobRunner, base: str, max_upload: int) -> None:
+    def job_object(row: dict) -> dict:
+        bundle = store.job_dir(row["id"]) / "bundle"
+        return _job_object(row, bundle if (bundle / "edgetune.json").is_file() else None)
+
     def job_or_404(job_id: str) -> dict:
         row = store.job(job_id)
         if row is None:

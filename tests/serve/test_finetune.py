@@ -228,3 +228,17 @@ def test_a_killed_server_resumes_the_job_to_the_same_adapter(base_fp32, tiny_mod
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_export_bundle_gives_a_bundle_edgetune_run_loads(service, training_file):
+    from .conftest import run_cli
+
+    client = service.client()
+    job = wait_job(client, create(client, training_file, max_steps=4, export_bundle=True).id)
+    assert job.status == "succeeded", job.error
+    bundle = job.edgetune["bundle"]
+    assert bundle and os.path.isfile(os.path.join(bundle, "edgetune.json"))
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert any("Exporting" in m for m in messages) and any("Merging" in m for m in messages)
+    done = run_cli("run", bundle, "--prompt", "porch fan on", "--max-new-tokens", "8")
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
