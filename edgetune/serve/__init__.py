@@ -8,7 +8,8 @@
 
 ``engine`` batches every running request through one decoder (continuous batching),
 ``app`` is the ASGI app (FastAPI on uvicorn), ``grammar`` constrains structured output
-(llguidance), ``runtime.adapters`` applies LoRA/DoRA adapters unmerged over the int4 base.
+(llguidance), ``runtime.adapters`` applies LoRA/DoRA adapters unmerged over the int4 base;
+``store``, ``finetune`` and ``ft_api`` are the fine-tuning service (--base, --state-dir).
 Needs the ``serve`` extra: pip install 'edgetune[serve]'.
 """
 

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
         help="serve a bundle (and adapters) over the OpenAI API",
         description="An OpenAI-compatible server (chat completions, completions, models) "
         "over a bundle: continuous batching, streaming, structured output, adapters served "
-        "unmerged over one int4 base. Binds 127.0.0.1 unless --host says otherwise.",
+        "unmerged over one int4 base; with --base and --state-dir also OpenAI's files and "
+        "fine-tuning API (durable jobs). Binds 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("bundle")
     p.add_argument(

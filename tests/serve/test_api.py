@@ -159,3 +159,19 @@ def test_structured_output_streams_the_same(server):
     whole = chat(client, max_tokens=160, response_format=rf).choices[0].message.content
     chunks = chat(client, max_tokens=160, response_format=rf, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+
+
+def test_the_server_imports_no_torch():
+    """The serve extra pulls no torch: the server's modules, the fine-tuning service's
+    included (training runs in child processes), import without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edgetune.serve, edgetune.serve.app, edgetune.serve.ft_api, "
+        "edgetune.serve.finetune, edgetune.serve.grammar, edgetune.runtime.adapters\n"
+        "bad = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+        "assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
