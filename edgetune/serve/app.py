@@ -103,15 +103,19 @@ class Guard:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await error_response(too_large(limit))(scope, receive, send)
-        body, more = b"", True
+        parts: list[bytes] = []
+        size, more = 0, True
         while more:  # read the body here, counting what arrives, then hand it on
             msg = await receive()
             if msg["type"] != "http.request":
                 return
-            body += msg.get("body", b"")
+            parts.append(msg.get("body", b""))
+            size += len(parts[-1])
             more = msg.get("more_body", False)
-            if len(body) > limit:
+            if size > limit:
                 return await error_response(too_large(limit))(scope, receive, send)
+        body = b"".join(parts)
+        del parts
         replayed = False
 
         async def replay():
