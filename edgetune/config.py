@@ -337,8 +337,10 @@ def add_flags(
     groups: dict[str, tuple[str, Sequence[str]]] | None = None,
     exclusive: Iterable[Sequence[str]] = (),
     config_flag: bool = True,
+    skip: Iterable[str] = (),
 ) -> None:
-    """Add a flag for every field of ``cls`` to ``parser``.
+    """Add a flag for every field of ``cls`` to ``parser`` (but those in ``skip``, which the
+    caller adds itself, e.g. as positionals with the field's name as dest).
 
     Every flag defaults to None, so only the flags given override the YAML and the
     defaults; values stay as typed and are coerced in ``config_from_args``, where a bad one
@@ -359,7 +361,10 @@ def add_flags(
     for names in exclusive:
         g = where.get(names[0], parser).add_mutually_exclusive_group()
         where.update(dict.fromkeys(names, g))
+    skipped = set(skip)
     for name, ft in field_types(cls).items():
+        if name in skipped:
+            continue
         kw: dict[str, Any] = dict(dest=name, default=None, help=field_help(cls, name))
         if ft.base is bool and not ft.sequence:
             kw["action"] = argparse.BooleanOptionalAction

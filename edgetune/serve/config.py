@@ -16,8 +16,9 @@ class ServeConfig:
     """The bundle directory served as the base model."""
     name: str | None = None
     """The base's model id in the API (default: the bundle directory's name)."""
-    adapters: tuple[tuple[str, str], ...] = ()
-    """(model id, PEFT adapter dir) pairs served unmerged over the base."""
+    adapter: tuple[str, ...] = ()
+    """NAME=DIR: serve the PEFT adapter in DIR (from edgetune train) unmerged over the base
+    as model NAME; several allowed."""
     host: str = "127.0.0.1"
     """Address to bind; anything but loopback needs an API key (or --insecure)."""
     port: int = 8000
@@ -67,7 +68,7 @@ class ServeConfig:
                 raise ConfigError(f"{field_} must be >= 1, got {value}")
         if (self.base is None) != (self.state_dir is None):
             raise ConfigError("the fine-tuning service needs both --base MODEL_DIR and --state-dir")
-        names = [n for n, _ in self.adapters]
+        names = [n for n, _ in self.adapters]  # parses every NAME=DIR: a bad one fails here
         dup = next((n for n in names if names.count(n) > 1 or n == self.name), None)
         if dup:
             raise ConfigError(f"model id {dup!r} is given twice")
@@ -77,6 +78,11 @@ class ServeConfig:
                 "it could use the model. Give --api-key (or EDGETUNE_API_KEY), bind "
                 "127.0.0.1, or pass --insecure"
             )
+
+    @property
+    def adapters(self) -> list[tuple[str, str]]:
+        """(model id, adapter dir) of every ``adapter``."""
+        return [parse_adapter(spec) for spec in self.adapter]
 
 
 def is_loopback(host: str) -> bool:
