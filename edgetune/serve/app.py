@@ -173,8 +173,31 @@ async def watch_disconnect(request: Request, handle) -> None:
             return
 
 
+def checked(server: Server, body: Sampling):
+    """The request's adapter (None: the base), after refusing fields edgetune does not do."""
+    refused = unsupported(body)
+    if refused:
+        raise bad_request(f"{refused}: not supported by edgetune serve", param=refused)
+    return server.adapter(body.model)
+
+
+def usage(body: Sampling) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
 async def collect(request: Request, server: Server, job: Job) -> tuple[str, Done, list[Token]]:
-    """Run a job to the end: (text, done, tokens)."""
+    """Run a job to the end: (text, done, tokens); a job's failure as an APIError."""
+    try:
+        return await _collect(request, server, job)
+    except Exception as e:
+        raise job_error(e) from None
+
+
+async def _collect(request: Request, server: Server, job: Job) -> tuple[str, Done, list[Token]]:
     handle = submit(server, job)
     watcher = asyncio.create_task(watch_disconnect(request, handle))
     tokens: list[Token] = []
@@ -258,10 +281,7 @@ def create_app(server: Server) -> Guard:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        refused = unsupported(body)
-        if refused:
-            raise bad_request(f"{refused}: not supported by edgetune serve", param=refused)
-        adapter = server.adapter(body.model)
+        adapter = checked(server, body)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": message_text(m)}
             for m in body.messages
@@ -282,23 +302,13 @@ def create_app(server: Server) -> Guard:
         )
         cid = R.new_id("chatcmpl")
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                chat_stream(submit(server, job), job, cid, body.model, include_usage),
-                media_type="text/event-stream",
-            )
-        try:
-            text, done, tokens = await collect(request, server, job)
-        except Exception as e:
-            raise job_error(e) from None
+            return sse_response(chat_stream(submit(server, job), job, cid, body.model, usage(body)))
+        text, done, tokens = await collect(request, server, job)
         return R.chat_completion(cid, body.model, text, done, tokens if body.logprobs else None)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        refused = unsupported(body)
-        if refused:
-            raise bad_request(f"{refused}: not supported by edgetune serve", param=refused)
-        adapter = server.adapter(body.model)
+        adapter = checked(server, body)
         ids = prompt_ids(server, body.prompt)
         budget = check_length(server, len(ids), body.max_tokens, "prompt")
         max_tokens = body.max_tokens or min(16, budget)  # OpenAI's default for completions
@@ -311,15 +321,9 @@ def create_app(server: Server) -> Guard:
         )
         cid = R.new_id("cmpl")
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                completion_stream(submit(server, job), job, cid, body.model, include_usage),
-                media_type="text/event-stream",
-            )
-        try:
-            text, done, tokens = await collect(request, server, job)
-        except Exception as e:
-            raise job_error(e) from None
+            events = completion_stream(submit(server, job), job, cid, body.model, usage(body))
+            return sse_response(events)
+        text, done, tokens = await collect(request, server, job)
         logprobs = tokens if body.logprobs is not None else None
         return R.text_completion(
             cid, body.model, int(time.time()), text, done.finish_reason, logprobs, done
