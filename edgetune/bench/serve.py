@@ -28,10 +28,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,6 +38,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..serve.process import ServerProcess
 from . import in_fresh_process
 
 STREAMS = (1, 2, 4, 8)
@@ -96,49 +94,6 @@ def make_adapter(bundle: Path, out: Path, rank: int, seed: int = 0) -> Path:
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
-
-
-class ServerProcess:
-    """``edgetune serve`` in a child process on a free loopback port."""
-
-    def __init__(self, args: list[str], timeout: float = 300.0):
-        cmd = [sys.executable, "-m", "edgetune.cli", "serve", *args, "--port", "0"]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.url: str | None = None
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def drain() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = re.search(r"on (http://\S+/v1)", line)
-                if m and self.url is None:
-                    self.url = m.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        if not ready.wait(timeout) or self.url is None:
-            self.stop()
-            raise RuntimeError("edgetune serve did not start:\n" + "".join(self.lines))
-
-    def peak_rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def stream_once(url: str, model: str, prompt: list[int], new_tokens: int) -> dict:
@@ -299,7 +254,7 @@ def bench(bundle: Path | None, cfg: ServeBenchConfig = ServeBenchConfig(), log=p
                 adapter_rates.append(
                     decode_rate(concurrent(url, ADAPTER, prompts[:1], cfg.new_tokens))
                 )
-            peak = server.peak_rss_bytes()
+            peak = server.memory_bytes("VmHWM")
         finally:
             server.stop()
     q_bytes, total_bytes = weight_bytes(bundle)

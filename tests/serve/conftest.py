@@ -1,23 +1,21 @@
 """Real ``edgetune serve`` processes on free loopback ports, and the bundles they serve.
 
-``Running`` starts the CLI in a child process with ``--port 0``, reads the address from the
-line it prints, and stops it at the end; its output is drained in a thread (so the child
-never blocks on a full pipe) and shown when a start fails. Clients are the official
-``openai`` client with no retries and a short timeout, so no request loop is unbounded.
+``Running`` is ``edgetune.serve.process.ServerProcess`` (the CLI in a child process on a free
+loopback port) with a client: the official ``openai`` client with no retries and a short
+timeout, so no request loop is unbounded.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from edgetune.serve.process import ServerProcess
 
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
@@ -25,49 +23,11 @@ pytest.importorskip("openai")
 EDGETUNE = shutil.which("edgetune", path=str(Path(sys.executable).parent)) or "edgetune"
 
 
-class Running:
-    """One ``edgetune serve`` child process: ``.url`` (…/v1), ``.pid``, ``.output``."""
+class Running(ServerProcess):
+    """A server for a test, with the official client pointed at it."""
 
-    url: str | None = None
-
-    def __init__(self, args: list[str], env: dict | None = None, timeout: float = 120.0):
-        self.args = args
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [EDGETUNE, "serve", *args, "--host", "127.0.0.1", "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
-        )
-        self._seen = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._seen.wait(timeout) or self.url is None:
-            self.stop()
-            raise RuntimeError(f"edgetune serve did not start:\n{self.output}")
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = re.search(r"on (http://\S+/v1)", line)
-            if m and self.url is None:
-                self.url = m.group(1)
-                self._seen.set()
-        self._seen.set()  # exited
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def root(self) -> str:
-        assert self.url is not None
-        return self.url[: -len("/v1")]
+    def __init__(self, args: list[str], env: dict | None = None):
+        super().__init__(args, env=env, timeout=120.0)
 
     def client(self, api_key: str = "unused", timeout: float = 120.0):
         from openai import OpenAI
@@ -75,19 +35,7 @@ class Running:
         return OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=timeout)
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        return self.memory_bytes() / 2**20
 
 
 def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
