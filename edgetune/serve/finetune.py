@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ class JobRunner:
         self.on_model = on_model
         self.log = log
         self._procs: dict[str, tuple[subprocess.Popen, str]] = {}  # job id -> (child, phase)
-        self._seen: dict[str, int] = {}  # job id -> metrics lines already turned into events
+        self._following: dict[str, _Followed] = {}  # job id -> what its files told so far
         self._stop = threading.Event()
         self.recover()
         self._thread = threading.Thread(target=self._loop, name="edgetune-jobs", daemon=True)
@@ -206,7 +206,7 @@ class JobRunner:
                 args.append("--resume")
             elif run.exists():  # killed before its first checkpoint: start over
                 shutil.rmtree(run)
-                self._seen[job_id] = 0
+            self._following.pop(job_id, None)  # the trainer rewrites metrics.jsonl
             what = "Resumed from the last checkpoint" if resume else "Fine-tuning job started"
         elif phase == "merge":
             args = ["--model", base, "--adapter", str(work / "run" / "adapter"),
@@ -235,33 +235,37 @@ class JobRunner:
         return self.store.blob_path(row["sha256"])
 
     def _follow(self, job_id: str) -> None:
-        """Turn new metrics lines into events and new checkpoints into rows."""
+        """Turn new metrics lines into events and new checkpoints into rows. Reads only what
+        the trainer appended since the last tick; the store is written only for news."""
+        f = self._following.get(job_id)
+        if f is None:  # first look since the server started: the store says what is known
+            f = self._following[job_id] = _Followed(
+                seen=self.store.last_metrics_step(job_id),
+                checkpoints=self.store.checkpoint_steps(job_id),
+            )
         run = self.store.job_dir(job_id) / "run"
-        metrics = read_metrics(run / "metrics.jsonl")
-        seen = self._seen.get(job_id)
-        if seen is None:  # after a restart: events exist up to the last one recorded
-            events, _ = self.store.events(job_id, limit=1000)
-            steps = [json.loads(e["data"])["step"] for e in events if e["type"] == "metrics"]
-            seen = max(steps, default=0)
-        for rec in metrics:
-            if rec["step"] > seen:
+        for rec in f.read(run / "metrics.jsonl"):
+            f.losses[rec["step"]] = rec["loss"]
+            if rec["step"] > f.seen:
                 data = {"step": rec["step"], "train_loss": rec["loss"]}
                 if "eval_loss" in rec:
                     data["valid_loss"] = rec["eval_loss"]
                 msg = f"Step {rec['step']}: training loss={rec['loss']:.4f}"
                 self.store.add_event(job_id, msg, data=data)
-                seen = rec["step"]
-        self._seen[job_id] = seen
-        by_step = {r["step"]: r for r in metrics}
+                f.seen = rec["step"]
         ckpts = run / "checkpoints"
-        if ckpts.is_dir():
-            for d in sorted(ckpts.iterdir()):
-                if d.name.startswith("step-") and (d / "meta.json").is_file():
-                    step = int(d.name.split("-")[1])
-                    rec = by_step.get(step, {})
-                    m = {"step": step, "train_loss": rec.get("loss")}
-                    if self.store.add_checkpoint(job_id, step, m):
-                        self.store.add_event(job_id, f"Checkpoint saved at step {step}")
+        if not ckpts.is_dir():
+            return
+        for d in sorted(ckpts.iterdir()):
+            if not d.name.startswith("step-") or not (d / "meta.json").is_file():
+                continue
+            step = int(d.name.split("-")[1])
+            if step in f.checkpoints:
+                continue
+            f.checkpoints.add(step)
+            metrics = {"step": step, "train_loss": f.losses.get(step)}
+            if self.store.add_checkpoint(job_id, step, metrics):
+                self.store.add_event(job_id, f"Checkpoint saved at step {step}")
 
     def _finished(self, job_id: str, proc: subprocess.Popen, phase: str) -> None:
         del self._procs[job_id]
@@ -335,6 +339,27 @@ class JobRunner:
         if running is not None:
             threading.Thread(target=_kill, args=(running[0],), daemon=True).start()
         return True
+
+
+@dataclass
+class _Followed:
+    """A running job's files as the runner has read them."""
+
+    seen: int  # the last step turned into an event
+    checkpoints: set[int]  # steps with a checkpoint row
+    losses: dict[int, float] = field(default_factory=dict)
+    offset: int = 0  # bytes of metrics.jsonl read
+
+    def read(self, path: Path) -> list[dict]:
+        """The complete lines appended since the last read."""
+        if not path.is_file():
+            return []
+        with open(path, "rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1  # a torn last line waits for the next read
+        self.offset += end
+        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -215,19 +215,36 @@ class Store:
         )
 
     def events(self, job_id: str, after: str | None = None, limit: int = 20):
-        """Newest first, as OpenAI lists them."""
+        """Newest first, as OpenAI lists them: (rows, has_more)."""
+        return self._page("events", job_id, after, limit)
+
+    def _page(self, table: str, job_id: str, after: str | None, limit: int):
+        """A job's rows of ``table`` newest first, from the one after id ``after``."""
         args: tuple = (job_id,)
         where = "job_id = ?"
         if after:
-            rows = self._all("SELECT seq FROM events WHERE id = ?", (after,))
+            rows = self._all(f"SELECT seq FROM {table} WHERE id = ?", (after,))
             if not rows:
                 return [], False
             where += " AND seq < ?"
             args += (rows[0]["seq"],)
         rows = self._all(
-            f"SELECT * FROM events WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit + 1)
+            f"SELECT * FROM {table} WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit + 1)
         )
         return rows[:limit], len(rows) > limit
+
+    def last_metrics_step(self, job_id: str) -> int:
+        """The step of the job's newest metrics event (0: none)."""
+        rows = self._all(
+            "SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq DESC "
+            "LIMIT 1",
+            (job_id,),
+        )
+        return int(json.loads(rows[0]["data"])["step"]) if rows else 0
+
+    def checkpoint_steps(self, job_id: str) -> set[int]:
+        rows = self._all("SELECT step FROM checkpoints WHERE job_id = ?", (job_id,))
+        return {int(r["step"]) for r in rows}
 
     def add_checkpoint(self, job_id: str, step: int, metrics: dict) -> bool:
         with self._lock, self.db:
@@ -239,16 +256,4 @@ class Store:
             return cur.rowcount == 1
 
     def checkpoints(self, job_id: str, after: str | None = None, limit: int = 10):
-        args: tuple = (job_id,)
-        where = "job_id = ?"
-        if after:
-            rows = self._all("SELECT seq FROM checkpoints WHERE id = ?", (after,))
-            if not rows:
-                return [], False
-            where += " AND seq < ?"
-            args += (rows[0]["seq"],)
-        rows = self._all(
-            f"SELECT * FROM checkpoints WHERE {where} ORDER BY seq DESC LIMIT ?",
-            (*args, limit + 1),
-        )
-        return rows[:limit], len(rows) > limit
+        return self._page("checkpoints", job_id, after, limit)
