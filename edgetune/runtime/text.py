@@ -21,6 +21,7 @@ class TextStream:
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
         self.emitted = ""  # text released so far
+        self.text = ""  # the whole sequence as last decoded (released or not)
         self.stopped = False  # a stop string appeared: the text ended before it
         self._hold = max((len(s) - 1 for s in self.stop), default=0)
 
@@ -29,7 +30,7 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token)
-        text = self.decode(self.ids)
+        text = self.text = self.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
             return ""
         cut = min((text.find(s) for s in self.stop if s in text), default=-1)

@@ -327,8 +327,9 @@ class Engine:
             s.last = token
 
     def _piece(self, s: _Seq, token: int) -> str:
-        """The token's own text: what it added to the decoded generation."""
-        now = self.model.decode(s.context[len(s.job.prompt_ids) :])
+        """The token's own text: what it added to the decoded generation (the TextStream
+        has just decoded it)."""
+        now = s.text.text
         piece = now[len(s.said) :] if now.startswith(s.said) else self.model.token_text(token)
         s.said = now
         return piece
