@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml setup.py kernels/csrc/*.c kernels/csrc/*.h kernels/_cke
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,export,distributed,serve,dev]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+		$(BIN)/python -m pip install -q -e ".[train,export,distributed,serve,dev]"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

@@ -84,6 +84,14 @@ def cmd_export(args) -> int:
     from .config import config_from_args
     from .export.config import ExportConfig
 
+    if args.format == "gguf":
+        from .export.config import GGUF_ALIASES
+        from .export.gguf import export_gguf
+
+        quant = GGUF_ALIASES.get(args.quant, args.quant)
+        out = export_gguf(args.model, args.out, quant, force=args.force)
+        print(f"GGUF: {out}")
+        return 0
     cfg = config_from_args(ExportConfig, args)
     if args.target == "fpga":
         from .fpga.project import export_fpga
@@ -361,7 +369,7 @@ def _add_sampling(p) -> None:
 
 def _add_export_flags(p) -> None:
     from .config import add_flags
-    from .export.config import ExportConfig  # imports onnx: only when export is the command
+    from .export.config import GGUF_QUANTS, ExportConfig  # onnx: only when export runs
 
     p.add_argument("model", help="merged HF model dir (with --target fpga also a bundle)")
     p.add_argument("--out", required=True, help="bundle dir to create")
@@ -371,7 +379,17 @@ def _add_export_flags(p) -> None:
         default="onnx",
         help="onnx: the bundle; fpga: an HLS project with the weights as memory images",
     )
+    p.add_argument(
+        "--format",
+        choices=("onnx", "gguf"),
+        default="onnx",
+        help="onnx: the bundle (--out a dir); gguf: one GGUF file for llama.cpp / Ollama (--out "
+        "FILE.gguf, --quant f16|bf16|q8_0|q4_0; int4/int8/none mean q4_0/q8_0/f16)",
+    )
     add_flags(p, ExportConfig)
+    for action in p._actions:  # the GGUF types share --quant
+        if action.dest == "quant" and action.choices is not None:
+            action.choices = (*action.choices, *GGUF_QUANTS)
     p.add_argument(
         "--asymmetric",
         dest="symmetric",

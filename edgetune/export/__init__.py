@@ -146,7 +146,7 @@ def genai_config(cfg: dict, tokenizer, context: int) -> dict:
     }
 
 
-def _eos_ids(model_dir: Path, tokenizer) -> list[int]:
+def eos_ids(model_dir: Path, tokenizer) -> list[int]:
     gen = model_dir / "generation_config.json"
     ids = []
     if gen.is_file():
@@ -288,7 +288,7 @@ def export(
                 },
                 "tokenizer": {
                     "file": "tokenizer.json",
-                    "eos_token_ids": _eos_ids(model_dir, tokenizer),
+                    "eos_token_ids": eos_ids(model_dir, tokenizer),
                     "bos_token_id": tokenizer.bos_token_id,
                     "chat_template": tokenizer.chat_template or tok_cfg.get("chat_template"),
                 },

@@ -13,6 +13,8 @@ HeadQuant = Literal["int8", "int4", "fp32"]
 Algo = Literal["rtn", "hqq", "gptq"]
 Embedding = Literal["fp32", "int8", "int4"]
 QUANTS, HEAD_QUANTS, ALGOS, EMBEDDINGS = map(get_args, (Quant, HeadQuant, Algo, Embedding))
+GGUF_QUANTS = ("f16", "bf16", "q8_0", "q4_0")  # ``export --format gguf --quant``
+GGUF_ALIASES = {"int4": "q4_0", "int8": "q8_0", "none": "f16"}  # the ONNX names, for GGUF
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
-            raise ConfigError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+            hint = " (a GGUF type: add --format gguf)" if self.quant in GGUF_QUANTS else ""
+            raise ConfigError(f"quant must be one of {', '.join(QUANTS)}, got {self.quant!r}{hint}")
         if self.block_size not in Q4_BLOCK_SIZES:
             raise ConfigError(f"block size must be one of {Q4_BLOCK_SIZES}, got {self.block_size}")
         if self.lm_head not in HEAD_QUANTS:
