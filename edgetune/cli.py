@@ -106,6 +106,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_export_adapter(args) -> int:
+    from .export.gguf_lora import export_gguf_lora
+
+    out = export_gguf_lora(args.adapter, args.base, args.out, force=args.force)
+    print(f"GGUF LoRA: {out} (llama.cpp: --lora {out}; Ollama: ADAPTER {out})")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from .bundle import verify
 
@@ -456,6 +464,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if wanted("export"):
         _add_export_flags(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "export-adapter",
+        help="export a LoRA adapter as a GGUF LoRA for llama.cpp / Ollama",
+        description="A PEFT LoRA adapter as one GGUF LoRA file, applied by llama.cpp (--lora) "
+        "and Ollama (ADAPTER) over a GGUF of the base model without a merge.",
+    )
+    p.add_argument("adapter", help="RUN/adapter (PEFT format)")
+    p.add_argument("--base", required=True, help="the base model dir the adapter was trained on")
+    p.add_argument("--format", choices=("gguf",), default="gguf")
+    p.add_argument("--out", required=True, help="FILE.gguf to create")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export_adapter)
 
     p = sub.add_parser("verify", help="check a bundle's structure and file hashes")
     p.add_argument("bundle")

@@ -47,6 +47,7 @@ ARCH = {
     "mistral": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
 }
+CHUNK = 1 << 22  # values converted at a time (16 MiB of fp32)
 FILE_TYPE = {
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
@@ -62,12 +63,29 @@ class Planned:
     name: str  # blk.0.attn_qkv.weight
     shape: tuple[int, ...]  # numpy order (rows, row length)
     qtype: gguf.GGMLQuantizationType
-    values: Callable[[], np.ndarray]  # fp32, already in llama.cpp's layout
+    values: Callable[..., np.ndarray]  # (rows=None) -> fp32 rows in llama.cpp's layout
 
     @property
     def nbytes(self) -> int:
         block, size = gguf.GGML_QUANT_SIZES[self.qtype]
         return math.prod(self.shape) // block * size
+
+
+def _rows(x: np.ndarray, rows=None) -> np.ndarray:
+    return x if rows is None else x[rows[0] : rows[1]]
+
+
+def stored(t: Planned) -> np.ndarray:
+    """Tensor ``t`` as GGUF stores it, converted CHUNK values at a time: the fp32 source
+    rows and the quantizer's temporaries stay small beside the (smaller) result."""
+    if len(t.shape) == 1:
+        return encode(t.values(), t.qtype)
+    out = np.empty(_byte_shape(t), _np_dtype(t.qtype))
+    step = max(1, CHUNK // t.shape[-1])
+    for r0 in range(0, t.shape[0], step):
+        r1 = min(r0 + step, t.shape[0])
+        out[r0:r1] = encode(t.values((r0, r1)), t.qtype).reshape(r1 - r0, -1)
+    return out
 
 
 def encode(x: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
@@ -205,9 +223,11 @@ def plan(src: SafetensorsSource, cfg: dict, d: Dims, quant: str) -> list[Planned
         gname = f"{mapped}.{suffix}"
         heads = (d.heads if ".q_proj." in hf else d.kv_heads) if permute else 0
 
-        def values(hf=hf, heads=heads) -> np.ndarray:
-            x = src.array(hf)
-            return _permute(x, heads) if heads and (".q_proj." in hf or ".k_proj." in hf) else x
+        def values(rows=None, hf=hf, heads=heads) -> np.ndarray:
+            if heads and (".q_proj." in hf or ".k_proj." in hf):  # rows move across the tensor
+                x = _permute(src.array(hf), heads)
+                return x if rows is None else x[rows[0] : rows[1]]
+            return src.array(hf, rows)
 
         qtype = T.F32 if len(shape) == 1 else weight_type(quant, gname, shape[-1])
         out.append(Planned(gname, shape, qtype, values))
@@ -250,8 +270,7 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t in tensors:
-            data = encode(t.values(), t.qtype)
-            w.write_tensor_data(data.reshape(_byte_shape(t)))
+            w.write_tensor_data(stored(t))
         w.close()
         os.replace(tmp, out)
     finally:

@@ -16,7 +16,7 @@ import pytest
 from edgetune.errors import ConfigError, ModelError, OutputExistsError
 from edgetune.export import modelfile
 from edgetune.export.families import Dims
-from edgetune.export.gguf import encode, export_gguf, plan
+from edgetune.export.gguf import export_gguf, plan, stored
 from edgetune.models import load_tokenizer, read_config
 from edgetune.tensors import SafetensorsSource
 
@@ -122,7 +122,7 @@ def test_round_trip_through_gguf_reader(tiny_model, tmp_path):
         p = planned[t.name]
         assert t.tensor_type == p.qtype, t.name
         assert tuple(int(x) for x in reversed(t.shape)) == p.shape, t.name  # ggml order
-        want = encode(p.values(), p.qtype)
+        want = stored(p)
         assert np.array_equal(
             np.asarray(t.data).view(np.uint8).ravel(), want.view(np.uint8).ravel()
         ), t.name
@@ -228,7 +228,7 @@ def test_bad_input_writes_nothing(tiny_model, tmp_path, monkeypatch):
     import edgetune.export.gguf as g
 
     calls = {"n": 0}
-    real = g.encode
+    real = g.encode  # a failure inside the fifth tensor's conversion
 
     def failing(x, qtype):
         calls["n"] += 1
@@ -257,3 +257,52 @@ def test_cli_export_gguf(tiny_model, tmp_path):
     r = gguf.GGUFReader(out)
     assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
     assert out.with_suffix(".Modelfile").is_file()
+
+
+@pytest.mark.parametrize("family", ["phi3", "llama"])
+def test_gguf_lora_in_llama_cpp_gives_the_merged_model(family, peaked_family, tmp_path):
+    """A LoRA exported with export-adapter, applied by llama.cpp over the base's f16 GGUF,
+    computes what the merged model's f16 GGUF computes (Phi-3: fused qkv; Llama: permuted
+    q/k rows; rsLoRA's scale folded into B)."""
+    from peft_adapters import random_adapter
+
+    from edgetune.cli import main
+    from edgetune.merge import merge
+
+    base = peaked_family(family)
+    adapter = random_adapter(base, tmp_path / "adapter", rank=4, use_rslora=family == "llama")
+    merged = merge(base, adapter, tmp_path / "merged")
+    lora = tmp_path / "lora.gguf"
+    assert main(["export-adapter", str(adapter), "--base", str(base), "--out", str(lora)]) == 0
+    r = gguf.GGUFReader(lora)
+    assert r.fields["general.type"].contents() == "adapter"
+    base_gguf = export_gguf(base, tmp_path / "base.gguf", "f16", log=_quiet)
+    merged_gguf = export_gguf(merged, tmp_path / "merged.gguf", "f16", log=_quiet)
+    ids, _ = chat_ids(base, PROMPTS[1])
+    with_lora = llama_cpp.Llama(
+        str(base_gguf),
+        lora_path=str(lora),
+        n_ctx=CTX,
+        n_threads=2,
+        logits_all=True,
+        verbose=False,
+    )
+    with_lora.eval(ids)
+    got = np.array(with_lora.scores[: len(ids)], dtype=np.float32)
+    want = llama_logits(merged_gguf, ids)
+    plain = llama_logits(base_gguf, ids)
+    assert np.abs(want - plain).max() > 0.1 * np.abs(want).max()  # the adapter matters
+    assert np.abs(got - want).max() <= 5e-3 * np.abs(want).max()
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_gguf_lora_refuses_dora(peaked_family, tmp_path):
+    from peft_adapters import random_adapter
+
+    from edgetune.export.gguf_lora import export_gguf_lora
+
+    base = peaked_family("qwen2")
+    adapter = random_adapter(base, tmp_path / "dora", method="dora", rank=4)
+    with pytest.raises(ModelError, match="DoRA"):
+        export_gguf_lora(adapter, base, tmp_path / "x.gguf", log=_quiet)
+    assert not list(tmp_path.glob("*x.gguf*"))
