@@ -392,7 +392,8 @@ def _add_export_flags(p) -> None:
         choices=("onnx", "gguf"),
         default="onnx",
         help="onnx: the bundle (--out a dir); gguf: one GGUF file for llama.cpp / Ollama (--out "
-        "FILE.gguf, --quant f16|bf16|q8_0|q4_0; int4/int8/none mean q4_0/q8_0/f16)",
+        "FILE.gguf, --quant f32|f16|bf16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0 as llama-quantize "
+        "writes them; int4/int8/none mean q4_0/q8_0/f16)",
     )
     add_flags(p, ExportConfig)
     for action in p._actions:  # the GGUF types share --quant

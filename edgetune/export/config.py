@@ -13,7 +13,8 @@ HeadQuant = Literal["int8", "int4", "fp32"]
 Algo = Literal["rtn", "hqq", "gptq"]
 Embedding = Literal["fp32", "int8", "int4"]
 QUANTS, HEAD_QUANTS, ALGOS, EMBEDDINGS = map(get_args, (Quant, HeadQuant, Algo, Embedding))
-GGUF_QUANTS = ("f16", "bf16", "q8_0", "q4_0")  # ``export --format gguf --quant``
+# ``export --format gguf --quant``: llama.cpp's file types (``gguf_types.FILE_TYPES``)
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 GGUF_ALIASES = {"int4": "q4_0", "int8": "q8_0", "none": "f16"}  # the ONNX names, for GGUF
 
 

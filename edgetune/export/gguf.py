@@ -4,17 +4,17 @@ llama.cpp, Ollama, LM Studio and llama-cpp-python, streamed tensor by tensor.
 merged/ (safetensors) ─► plan (every tensor's GGUF name, type and byte size, from the
     headers alone) ─► header + metadata (architecture, tokenizer, chat template) ─►
     tensors, each read, transformed (llama.cpp's q/k row order for Llama/Mistral),
-    quantized (``edgetune.kernels.ggml_quants``) and appended ─► FILE.gguf (renamed into
-    place when complete)
+    quantized (``edgetune.kernels.ggml_quants`` / ``ggml_kquants``) and appended ─►
+    FILE.gguf (renamed into place when complete)
 
 Names and metadata are those llama.cpp's ``convert_hf_to_gguf.py`` writes for the family
 (the ``gguf`` package's tables): Phi-3 keeps its fused ``attn_qkv`` / ``ffn_up`` and writes
 longrope factors as ``rope_factors_long/short``; Llama and Mistral (arch ``llama``) get q/k
 rows permuted to llama.cpp's interleaved rope; Qwen2 keeps its q/k/v biases; a tied
-embedding writes no ``output`` tensor. Types per ``quant``: 1-D tensors stay F32; every
-2-D weight is f16 / bf16 / Q8_0, or for q4_0 Q4_0 with the output (LM head) in Q8_0, as
-``llama-quantize --output-tensor-type q8_0`` does; a row not a multiple of 32 falls back
-to F16, as llama.cpp's converter does.
+embedding writes no ``output`` tensor. Each tensor's type is the one ``llama-quantize``
+gives it for ``quant`` (``gguf_types``: Q6_K heads, the _M mixtures' Q6_K layers, the
+fallbacks for rows that are not whole blocks), and its bytes are the ones llama-quantize
+writes from the same fp32 weights.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ import gguf
 import numpy as np
 
 from ..errors import ConfigError, ModelError, OutputExistsError
-from ..kernels import ggml_quants
+from ..kernels import ggml_kquants, ggml_quants
 from ..models import check_model_dir, load_tokenizer
 from ..tensors import SafetensorsSource
 from .config import GGUF_QUANTS
 from .families import Dims, expected_shapes
+from .gguf_types import FILE_TYPES, tensor_types
 from .gguf_vocab import add_vocab
 from .modelfile import write_modelfile
 
@@ -48,11 +49,9 @@ ARCH = {
     "qwen2": gguf.MODEL_ARCH.QWEN2,
 }
 CHUNK = 1 << 22  # values converted at a time (16 MiB of fp32)
-FILE_TYPE = {
-    "f16": gguf.LlamaFileType.MOSTLY_F16,
-    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+QUANTIZE = {
+    **ggml_quants.QUANTIZE,
+    **{k: partial(f, fast=True) for k, f in ggml_kquants.QUANTIZE.items()},
 }
 
 
@@ -96,20 +95,7 @@ def encode(x: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
         return x.astype(np.float16)
     if qtype == T.BF16:
         return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), T.BF16)
-    return ggml_quants.QUANTIZE[qtype.name](x.reshape(-1, x.shape[-1]))
-
-
-def weight_type(quant: str, name: str, row: int) -> gguf.GGMLQuantizationType:
-    """The stored type of a 2-D weight of row length ``row`` (elements along K)."""
-    if quant == "f16":
-        return T.F16
-    if quant == "bf16":
-        return T.BF16
-    if row % ggml_quants.QK:
-        return T.F16
-    if quant == "q4_0" and name != "output.weight":
-        return T.Q4_0
-    return T.Q8_0
+    return QUANTIZE[qtype.name](x.reshape(-1, x.shape[-1]))
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -180,7 +166,7 @@ def _metadata(w: gguf.GGUFWriter, cfg: dict, d: Dims, quant: str, name: str) -> 
     w.add_head_count_kv(d.kv_heads)
     w.add_layer_norm_rms_eps(d.eps)
     w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
-    w.add_file_type(FILE_TYPE[quant])
+    w.add_file_type(FILE_TYPES[quant][0])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if "head_dim" in cfg and cfg["head_dim"]:
         w.add_key_length(d.head_dim)
@@ -215,6 +201,7 @@ def plan(src: SafetensorsSource, cfg: dict, d: Dims, quant: str) -> list[Planned
         Planned(k, v.shape, T.F32, partial(np.asarray, v)) for k, v in _rope_factors(cfg, d).items()
     ]
     permute = d.family in ("llama", "mistral")
+    tensors = []
     for hf, shape in shapes.items():
         base, _, suffix = hf.rpartition(".")
         mapped = names.get_name(base)
@@ -229,9 +216,9 @@ def plan(src: SafetensorsSource, cfg: dict, d: Dims, quant: str) -> list[Planned
                 return x if rows is None else x[rows[0] : rows[1]]
             return src.array(hf, rows)
 
-        qtype = T.F32 if len(shape) == 1 else weight_type(quant, gname, shape[-1])
-        out.append(Planned(gname, shape, qtype, values))
-    return out
+        tensors.append((gname, shape, values))
+    types = tensor_types([(n, s) for n, s, _ in tensors], quant, d.layers)
+    return out + [Planned(n, s, t, v) for (n, s, v), t in zip(tensors, types, strict=True)]
 
 
 def export_gguf(

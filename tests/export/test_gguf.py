@@ -12,6 +12,14 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+from llama_cpp_lib import (
+    CTX,
+    chat_ids,
+    llama,
+    llama_greedy,
+    llama_logits,
+    torch_logits_and_greedy,
+)
 
 from edgetune.errors import ConfigError, ModelError, OutputExistsError
 from edgetune.export import modelfile
@@ -21,61 +29,10 @@ from edgetune.models import load_tokenizer, read_config
 from edgetune.tensors import SafetensorsSource
 
 PROMPTS = ["turn on the kitchen lights", "set the bedroom fan to 3 at 6am"]
-CTX = 256  # <= every test model's original context: llama.cpp and HF both use short rope factors
 
 
 def _quiet(*_):
     pass
-
-
-def llama(path, logits_all=False):
-    return llama_cpp.Llama(
-        str(path), n_ctx=CTX, n_threads=2, logits_all=logits_all, verbose=False, seed=0
-    )
-
-
-def llama_logits(path, ids: list[int]) -> np.ndarray:
-    llm = llama(path, logits_all=True)
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-def llama_greedy(path, ids: list[int], n: int, stop: set[int]) -> list[int]:
-    llm = llama(path)
-    out: list[int] = []
-    for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-        if t in stop or len(out) >= n:
-            break
-        out.append(t)
-    return out
-
-
-def torch_logits_and_greedy(model_dir, ids, n, stop):
-    import torch
-
-    from edgetune.models import load_model
-
-    m = load_model(model_dir).eval().float()
-    with torch.no_grad():
-        logits = m(torch.tensor([ids])).logits[0].numpy()
-        gen = m.generate(
-            torch.tensor([ids]),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=list(stop),
-            pad_token_id=1,
-        )[0, len(ids) :].tolist()
-    while gen and gen[-1] in stop:
-        gen = gen[:-1]
-    return logits, gen
-
-
-def chat_ids(model_dir, text):
-    tok = load_tokenizer(model_dir)
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-    )
-    return tok(prompt)["input_ids"], prompt
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +101,7 @@ def test_round_trip_through_gguf_reader(tiny_model, tmp_path):
     assert val("tokenizer.chat_template") == load_tokenizer(tiny_model).chat_template
     assert val("general.file_type") == gguf.LlamaFileType.MOSTLY_Q4_0
     types = {t.name: t.tensor_type for t in r.tensors}
-    assert types["output.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["output.weight"] == gguf.GGMLQuantizationType.Q6_K  # as llama-quantize
     assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType.Q4_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
@@ -180,20 +137,22 @@ def test_tied_embedding_writes_no_output(peaked_family, tmp_path):
 
 def test_fine_tuned_model_q8_0_gives_edgetune_runtime_tokens(merged_model, fp32_bundle, tmp_path):
     """The quickstart's merged fine-tune: llama.cpp on the q8_0 GGUF greedy-decodes the
-    tokens edgetune's runtime decodes from the fp32 bundle; q4_0 is reported, not equal."""
+    tokens edgetune's runtime decodes from the fp32 bundle; q4_k_m and q4_0 are reported."""
     from edgetune.runtime import Model, SamplingConfig
 
     m = Model.load(fp32_bundle, threads=1)
     q8 = export_gguf(merged_model, tmp_path / "ft-q8.gguf", "q8_0", log=_quiet)
     q4 = export_gguf(merged_model, tmp_path / "ft-q4.gguf", "q4_0", log=_quiet)
+    q4k = export_gguf(merged_model, tmp_path / "ft-q4km.gguf", "q4_k_m", log=_quiet)
     stop = set(m.eos_ids)
-    same4 = 0
+    same4 = same4k = 0
     for text in PROMPTS:
         ids = m.encode(m.render_chat([{"role": "user", "content": text}]))
         ours = list(m.generate_ids(ids, SamplingConfig(max_new_tokens=24)))
         assert llama_greedy(q8, ids, 24, stop) == ours
         same4 += llama_greedy(q4, ids, 24, stop) == ours
-    print(f"q4_0 greedy answers equal to fp32: {same4}/{len(PROMPTS)}")
+        same4k += llama_greedy(q4k, ids, 24, stop) == ours
+    print(f"greedy answers equal to fp32: q4_k_m {same4k}, q4_0 {same4} of {len(PROMPTS)}")
 
 
 def test_modelfile_template_renders_the_chat_template(tiny_model, tmp_path):

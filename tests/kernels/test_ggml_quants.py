@@ -1,4 +1,4 @@
-"""edgetune's Q8_0 / Q4_0 quantizers against llama.cpp's: bit-identical bytes.
+"""edgetune's Q8_0 / Q4_0 / Q5_0 / Q5_1 quantizers against llama.cpp's: bit-identical bytes.
 
 Two oracles: the ``gguf`` package's numpy quantizers (llama.cpp's Python reference) and
 ggml's C ``ggml_quantize_chunk`` (the code ``llama-quantize`` runs, without an importance
@@ -6,43 +6,15 @@ matrix), from the llama.cpp build that llama-cpp-python installs."""
 
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
-
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
 from edgetune.kernels import ggml_quants as gq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from llama_cpp_lib import ggml_quantize
 
-TYPES = {"Q8_0": 8, "Q4_0": 2}  # ggml_type enum values
-
-
-def _ggml():
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    f = lib.ggml_quantize_chunk
-    f.restype = ctypes.c_size_t
-    f.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-    ]
-    return f
-
-
-def ggml_quantize(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, k = x.shape
-    out = np.zeros((rows, k // gq.QK * gq.BLOCK_BYTES[name]), np.uint8)
-    n = _ggml()(TYPES[name], x.ctypes.data, out.ctypes.data, 0, rows, k, None)
-    assert n == out.nbytes
-    return out
+TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q5_1")
 
 
 def hand_built() -> np.ndarray:
@@ -60,7 +32,7 @@ def hand_built() -> np.ndarray:
     return rows
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("name", TYPES)
 def test_hand_built_blocks_equal_llama_cpp(name):
     x = hand_built()
     ours = gq.QUANTIZE[name](x)
@@ -88,13 +60,19 @@ def test_random_rows_equal_llama_cpp(rows, blocks, scale, seed):
 # half a step (Q8_0: d = amax/127), a whole one for Q4_0's clamped +8 (d = -max/8), plus
 # the fp16 rounding of d over the largest code
 @pytest.mark.parametrize(
-    "name, bound", [("Q8_0", 1 / 254 + 127 / 2048 / 127), ("Q4_0", 1 / 8 + 8 / 2048 / 8)]
+    "name, bound",
+    [
+        ("Q8_0", 1 / 254 + 127 / 2048 / 127),
+        ("Q4_0", 1 / 8 + 8 / 2048 / 8),
+        ("Q5_0", 1 / 16 + 16 / 2048 / 16),
+        ("Q5_1", 2 / 62 + 3 / 2048),  # a range of up to 2 amax; fp16 d and fp16 m
+    ],
 )
 def test_dequantize_round_trip(name, bound):
     x = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)
-    y = gq.DEQUANTIZE[name](gq.QUANTIZE[name](x), 256)
-    ref = gguf.quants.dequantize(gq.QUANTIZE[name](x), getattr(gguf.GGMLQuantizationType, name))
-    assert np.array_equal(y, ref)
+    y = gguf.quants.dequantize(gq.QUANTIZE[name](x), getattr(gguf.GGMLQuantizationType, name))
+    if name in gq.DEQUANTIZE:
+        assert np.array_equal(gq.DEQUANTIZE[name](gq.QUANTIZE[name](x), 256), y)
     amax = np.abs(x.reshape(16, 8, 32)).max(-1, keepdims=True)
     err = np.abs((y - x).reshape(16, 8, 32))
     assert (err <= amax * bound * 1.001 + 1e-7).all()
