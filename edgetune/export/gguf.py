@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +31,7 @@ import gguf
 import numpy as np
 
 from ..errors import ConfigError, ModelError, OutputExistsError
+from ..files import temp_beside
 from ..kernels import ggml_kquants, ggml_quants
 from ..models import check_model_dir, load_tokenizer
 from ..tensors import SafetensorsSource
@@ -243,10 +243,8 @@ def export_gguf(
     tensors = plan(src, cfg, d, quant)  # every check happens before a byte is written
     tokenizer = load_tokenizer(model_dir)
     template = tokenizer.chat_template
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = temp_beside(out)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCH[d.family]])
         _metadata(w, cfg, d, quant, gguf_name(model_dir.name, set(tokenizer.get_vocab())))

@@ -18,13 +18,13 @@ base: applied over a full-precision base it is close to, but not exactly, the me
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from ..errors import ModelError, OutputExistsError
+from ..files import temp_beside
 from ..merge import read_plan
 from ..models import check_model_dir
 from ..tensors import SafetensorsSource
@@ -78,10 +78,8 @@ def export_gguf_lora(
             b = _permute(b, d.heads if u.module.endswith(".q_proj") else d.kv_heads)
         tensors += [(f"{mapped}.weight.lora_a", a), (f"{mapped}.weight.lora_b", b)]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = temp_beside(out)
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCH[d.family]])
         w.add_type(gguf.GGUFType.ADAPTER)

@@ -7,6 +7,7 @@ tokens are compared with PyTorch's on the same merged model and with edgetune's 
 from __future__ import annotations
 
 import json
+import os
 
 import gguf
 import llama_cpp
@@ -216,6 +217,9 @@ def test_cli_export_gguf(tiny_model, tmp_path):
     r = gguf.GGUFReader(out)
     assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
     assert out.with_suffix(".Modelfile").is_file()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() makes it, not mkstemp's 0600
 
 
 @pytest.mark.parametrize("family", ["phi3", "llama"])
