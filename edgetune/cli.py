@@ -89,7 +89,16 @@ def cmd_export(args) -> int:
         from .export.gguf import export_gguf
 
         quant = GGUF_ALIASES.get(args.quant, args.quant)
-        out = export_gguf(args.model, args.out, quant, force=args.force)
+        tokens = getattr(args, "eval_tokens", None)
+        out = export_gguf(
+            args.model,
+            args.out,
+            quant,
+            force=args.force,
+            report=True,
+            eval_data=getattr(args, "eval_data", None),
+            eval_tokens=int(tokens) if tokens else ExportConfig.eval_tokens,
+        )
         print(f"GGUF: {out}")
         return 0
     cfg = config_from_args(ExportConfig, args)

@@ -227,11 +227,16 @@ def export_gguf(
     quant: str = "q8_0",
     force: bool = False,
     log=print,
+    report: bool = False,
+    eval_data: str | None = None,
+    eval_tokens: int = 2048,
 ) -> Path:
     """Write ``model_dir`` (a merged HF model dir) as one GGUF file at ``out``; returns it.
 
     Holds one tensor at a time; the file is written beside ``out`` under a temporary name
-    and renamed when complete, so a failure leaves nothing behind."""
+    and renamed when complete, so a failure leaves nothing behind. With ``report``,
+    llama.cpp then scores the file against the fp32 checkpoint (``gguf_report``) into
+    ``FILE.report.json``."""
     if quant not in GGUF_QUANTS:
         raise ConfigError(f"GGUF quant must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
     model_dir, out = Path(model_dir), Path(out)
@@ -265,6 +270,20 @@ def export_gguf(
     mf = write_modelfile(out, tokenizer, eos_ids(model_dir, tokenizer), model_dir)
     log(f"{out}: {len(tensors)} tensors, {quant}, {out.stat().st_size / 2**20:.1f} MiB")
     log(f"Ollama: ollama create {_ollama_name(out.stem)} -f {mf}")
+    if report:
+        from .gguf_report import format_gguf_report, gguf_report, write_report
+
+        counts: dict[str, int] = {}
+        for t in tensors:
+            counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+        r = {
+            "quant": quant,
+            "tensor_types": counts,
+            "file_bytes": out.stat().st_size,
+            **gguf_report(model_dir, out, eval_data, eval_tokens),
+        }
+        write_report(out, r)
+        log(format_gguf_report(r))
     return out
 
 
