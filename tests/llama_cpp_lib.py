@@ -76,6 +76,7 @@ def torch_logits_and_greedy(model_dir, ids, n, stop):
         logits = m(torch.tensor([ids])).logits[0].numpy()
         gen = m.generate(
             torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),  # else pad 1 = BOS masks
             max_new_tokens=n,
             do_sample=False,
             eos_token_id=list(stop),

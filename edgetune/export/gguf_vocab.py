@@ -98,8 +98,27 @@ def add_vocab(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int, tokenizer, t
             tokens.append(f"[PAD{len(tokens)}]".encode())
             scores.append(-1000.0)
             types.append(int(gguf.TokenType.UNUSED))
+        # tokens added on top of tokenizer.model (Phi-3's <|user|>, <|end|>, ...) live in
+        # tokenizer.json when transformers saved the dir (added_tokens.json only for slow
+        # tokenizers): as llama.cpp's converter, control if special, else user-defined
+        added = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else {}
+        for a in added.get("added_tokens", []):
+            i = int(a["id"])
+            if i >= vocab_size:
+                raise ModelError(
+                    f"{tj_path}: added token {a['content']!r} has id {i}, past the model's "
+                    f"vocab_size {vocab_size}"
+                )
+            tokens[i] = a["content"].encode()
+            scores[i] = -1000.0
+            special = a.get("special")
+            types[i] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
+        tc_path = model_dir / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+        if tc.get("add_prefix_space") is not None:  # as llama.cpp's converter; else its default
+            w.add_add_space_prefix(bool(tc["add_prefix_space"]))
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
