@@ -2,12 +2,15 @@
 
 One example per line, in any of the three formats docs/design.md names:
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` (chat, as Azure AI
-Foundry and OpenAI fine-tuning use), ``{"prompt": ..., "completion": ...}``,
-or ``{"text": ...}``. Every problem is reported with file, line and field.
+Foundry and OpenAI fine-tuning use, with per-turn ``weight``, tools and tool
+calls: see chat.py), ``{"prompt": ..., "completion": ...}``, or ``{"text": ...}``.
+Files are UTF-8 as editors save them (a Windows byte-order mark is skipped).
+Every problem is reported with file, line and field.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -16,15 +19,16 @@ from typing import Iterable
 
 from ..errors import DataError
 from ..files import temp_beside
-
-ROLES = ("system", "user", "assistant")
+from .chat import parse_message, parse_tools
 
 
 @dataclass(frozen=True)
 class Example:
     """One validated example; exactly one of ``messages``, ``prompt``/``completion``, ``text``."""
 
-    messages: tuple[tuple[str, str], ...] = ()  # (role, content) pairs
+    messages: tuple[dict, ...] = ()  # as chat templates take them (chat.parse_message)
+    weights: tuple[int, ...] = ()  # per message: 1 learns an assistant turn, 0 does not
+    tools: tuple[dict, ...] = ()  # the line's function definitions, for the template
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
@@ -36,8 +40,13 @@ class Example:
             return "messages"
         return "prompt" if self.prompt is not None else "text"
 
-    def as_chat(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in self.messages]
+    def as_chat(self) -> list[dict]:
+        """The messages as fresh dicts (a template or caller may change them)."""
+        return copy.deepcopy(list(self.messages))
+
+    def learned(self, i: int) -> bool:
+        """Whether message ``i`` is an assistant turn the loss is taken on."""
+        return self.messages[i]["role"] == "assistant" and self.weights[i] == 1
 
 
 def _str_field(obj: dict, field: str, where: str) -> str:
@@ -55,24 +64,16 @@ def parse_example(obj: object, where: str) -> Example:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: field 'messages' must be a non-empty list")
-        pairs = []
-        for i, m in enumerate(msgs):
-            field = f"messages[{i}]"
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(
-                    f"{where}: field '{field}' must be an object with 'role' and 'content'"
-                )
-            if m["role"] not in ROLES:
-                raise DataError(
-                    f"{where}: field '{field}.role' is {m['role']!r}; "
-                    f"expected one of {', '.join(ROLES)}"
-                )
-            if not isinstance(m["content"], str):
-                raise DataError(f"{where}: field '{field}.content' must be a string")
-            pairs.append((m["role"], m["content"]))
-        if not any(r == "assistant" for r, _ in pairs):
+        parsed = [parse_message(m, where, f"messages[{i}]") for i, m in enumerate(msgs)]
+        messages, weights = tuple(m for m, _ in parsed), tuple(w for _, w in parsed)
+        if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: field 'messages' has no assistant turn to learn from")
-        return Example(messages=tuple(pairs), where=where)
+        if not any(m["role"] == "assistant" and w for m, w in parsed):
+            raise DataError(
+                f"{where}: field 'messages' has only weight-0 assistant turns: nothing to learn"
+            )
+        tools = parse_tools(obj["tools"], where) if obj.get("tools") is not None else ()
+        return Example(messages=messages, weights=weights, tools=tools, where=where)
     if "prompt" in obj or "completion" in obj:
         for field in ("prompt", "completion"):
             if field not in obj:
@@ -99,6 +100,8 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # the byte-order mark Windows editors put first
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

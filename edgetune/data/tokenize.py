@@ -1,9 +1,10 @@
 """Turn validated examples into token ids with a loss mask.
 
-Loss is on assistant / completion tokens only (unless ``train_on_prompt``).
-Chat examples are rendered with the tokenizer's own chat template; the tokens
-of each assistant turn are found by rendering the conversation up to that turn
-with and without it, so this works for any model family's template.
+Loss is on assistant / completion tokens only (unless ``train_on_prompt``), and
+on an assistant turn only if its ``weight`` is 1. Chat examples are rendered with
+the tokenizer's own chat template (with the line's ``tools``); the tokens of each
+assistant turn are found by rendering the conversation up to that turn with and
+without it, so this works for any model family's template.
 """
 
 from __future__ import annotations
@@ -28,30 +29,49 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _chat_segments(tokenizer, ex: Example) -> list[tuple[list[int], bool]]:
-    """(token ids, is_assistant) segments covering the whole rendered conversation."""
+def _chat_segments(tokenizer, ex: Example) -> list[tuple[list[int], bool | None]]:
+    """(token ids, learn) segments covering the whole rendered conversation: learn is True
+    for an assistant turn of weight 1, None for one of weight 0 (never learned, not even
+    under ``train_on_prompt``), False for the prompt between them."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{ex.where}: a 'messages' example needs a chat template, and this "
             "model's tokenizer has none; use 'prompt'/'completion' or 'text' "
             "examples, or add chat_template.jinja to the model dir"
         )
-    chat = ex.as_chat()
-    segments: list[tuple[list[int], bool]] = []
+    chat, tools = ex.as_chat(), list(ex.tools) or None
+
+    def render(msgs: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as e:  # jinja2's TemplateError, or a template's raise_exception
+            raise DataError(
+                f"{ex.where}: the model's chat template refused this line ({e})"
+            ) from None
+
+    segments: list[tuple[list[int], bool | None]] = []
     done: list[int] = []
     for i, msg in enumerate(chat):
         if msg["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(chat[: i + 1], tokenize=False)
+        prefix, full = render(chat[:i], True), render(chat[: i + 1], False)
+        for call in msg.get("tool_calls", ()):
+            if call["function"]["name"] not in full[len(prefix) :]:
+                raise DataError(
+                    f"{ex.where}: field 'messages[{i}].tool_calls': the model's chat template "
+                    "does not render tool calls (its assistant turn leaves them out); use a "
+                    "model whose template supports tools, or put the call in 'content'"
+                )
         prefix_ids, full_ids = _ids(tokenizer, prefix), _ids(tokenizer, full)
         if full_ids[: len(prefix_ids)] != prefix_ids:
             raise DataError(
-                "the chat template does not render a conversation as a prefix of "
-                "its continuation; cannot mask the prompt tokens"
+                f"{ex.where}: the chat template does not render a conversation as a prefix "
+                "of its continuation; cannot mask the prompt tokens"
             )
         segments.append((prefix_ids[len(done) :], False))
-        segments.append((full_ids[len(prefix_ids) :], True))
+        segments.append((full_ids[len(prefix_ids) :], True if ex.learned(i) else None))
         done = full_ids
     return segments
 
@@ -59,7 +79,7 @@ def _chat_segments(tokenizer, ex: Example) -> list[tuple[list[int], bool]]:
 def tokenize_example(tokenizer, ex: Example, train_on_prompt: bool = False) -> TokenizedExample:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if ex.kind == "messages":
-        segments = _chat_segments(tokenizer, ex)
+        segments: list[tuple[list[int], bool | None]] = _chat_segments(tokenizer, ex)
     elif ex.kind == "prompt":
         # parse_example only makes a prompt example with both fields set
         assert ex.prompt is not None and ex.completion is not None
@@ -74,7 +94,8 @@ def tokenize_example(tokenizer, ex: Example, train_on_prompt: bool = False) -> T
     labels: list[int] = []
     for seg, learn in segments:
         ids += seg
-        labels += seg if (learn or train_on_prompt) else [IGNORE] * len(seg)
+        learned = learn or (train_on_prompt and learn is not None)
+        labels += seg if learned else [IGNORE] * len(seg)
     return TokenizedExample(ids, labels)
 
 

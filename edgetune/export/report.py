@@ -22,16 +22,16 @@ from .config import ExportConfig
 from .scores import Scores
 
 
-def render_chat(tokenizer, messages: list[dict]) -> str:
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     """The chat as the model sees it; plain "role: content" lines for a model without a template."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def render(tokenizer, ex) -> str:
     if ex.kind == "messages":
-        return render_chat(tokenizer, ex.as_chat())
+        return render_chat(tokenizer, ex.as_chat(), list(ex.tools) or None)
     if ex.kind == "prompt":
         return ex.prompt + ex.completion
     return ex.text
