@@ -208,3 +208,38 @@ def test_gradient_checkpointing_and_accumulation_give_the_same_losses(
         progress=False,
     )
     assert losses(accum)[0] == pytest.approx(losses(plain)[0], rel=1e-5)
+
+
+def test_full_chat_format_trains_and_weight_zero_is_never_learned(tiny_model, task_data, tmp_path):
+    """The OpenAI/Azure variants (a byte-order mark, developer role, content parts, a
+    weight-0 decoy turn) go through the trainer's own data path and train."""
+    from edgetune.data import load_examples
+    from edgetune.data.tokenize import IGNORE
+    from edgetune.models import load_tokenizer
+    from edgetune.train.recipe import prepare_rows
+
+    lines = []
+    for ex in load_examples(task_data[0])[:64]:
+        chat = ex.as_chat()
+        question, answer = chat[-2]["content"], chat[-1]["content"]
+        lines.append(
+            {
+                "messages": [
+                    {"role": "developer", "content": "Answer in JSON."},
+                    {"role": "user", "content": [{"type": "text", "text": question}]},
+                    {"role": "assistant", "content": "zzz decoy zzz", "weight": 0},
+                    {"role": "user", "content": "The JSON, please."},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
+    data = tmp_path / "variants.jsonl"
+    body = "".join(json.dumps(x, ensure_ascii=False) + "\r\n" for x in lines)
+    data.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    cfg = cfg_for(tiny_model, (data, data), tmp_path / "run", method="lora", max_steps=12)
+    tok = load_tokenizer(tiny_model)
+    rows = prepare_rows(cfg, tok, str(data))
+    learned = tok.decode([t for r in rows for t in r.labels if t != IGNORE])
+    assert "decoy" not in learned and learned.count("<|end|>") == len(lines)
+    ls = losses(train(cfg, progress=False))
+    assert sum(ls[-3:]) / 3 < 0.7 * sum(ls[:3]) / 3
