@@ -20,8 +20,19 @@ import sys
 
 from . import __version__
 from .errors import EdgetuneError
+from .noise import quiet
 
 SCALING = ("nproc", "strategy", "nnodes", "node_rank", "master_addr", "master_port")
+
+#: the extra that installs each optional library a subcommand may import (pyproject.toml)
+EXTRAS = {
+    **dict.fromkeys(("torch", "transformers", "peft", "accelerate", "matplotlib"), "train"),
+    **dict.fromkeys(("optimum", "onnx_ir", "gguf", "sentencepiece"), "export"),
+    **dict.fromkeys(("fastapi", "uvicorn", "pydantic", "llguidance", "multipart"), "serve"),
+    "deepspeed": "distributed",
+    "numba": "numba",
+    "hls4ml": "fpga",
+}
 
 
 def _add_train(sub) -> None:
@@ -31,7 +42,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune with QLoRA / QDoRA / LoRA / DoRA",
-        description="Fine-tune a local Hugging Face causal LM; writes RUN/adapter "
+        description="Fine-tune a Hugging Face causal LM (local dir or Hub id); writes RUN/adapter "
         "(PEFT format), metrics.jsonl, loss.png, config.yaml and checkpoints. "
         "Flags override values from --config YAML (recipes: examples/configs).",
     )
@@ -72,10 +83,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _add_revision(p, what: str = "the model") -> None:
+    p.add_argument(
+        "--revision",
+        help=f"branch, tag or commit of {what} when it is a Hugging Face Hub id (org/name)",
+    )
+
+
+def _resolved(args, name: str) -> str:
+    """``args.<name>`` as a local dir: a Hub id (at ``--revision``) as its cached snapshot."""
+    from .hub import resolve_model
+
+    return str(resolve_model(getattr(args, name), args.revision))
+
+
 def cmd_merge(args) -> int:
     from .merge import merge
 
-    out = merge(args.model, args.adapter, args.out, args.base_quantization, force=args.force)
+    out = merge(
+        _resolved(args, "model"), args.adapter, args.out, args.base_quantization, force=args.force
+    )
     print(f"merged model: {out}")
     return 0
 
@@ -84,6 +111,7 @@ def cmd_export(args) -> int:
     from .config import config_from_args
     from .export.config import ExportConfig
 
+    args.model = _resolved(args, "model")
     if args.format == "gguf":
         from .export.config import GGUF_ALIASES
         from .export.gguf import export_gguf
@@ -118,7 +146,7 @@ def cmd_export(args) -> int:
 def cmd_export_adapter(args) -> int:
     from .export.gguf_lora import export_gguf_lora
 
-    out = export_gguf_lora(args.adapter, args.base, args.out, force=args.force)
+    out = export_gguf_lora(args.adapter, _resolved(args, "base"), args.out, force=args.force)
     print(f"GGUF LoRA: {out} (llama.cpp: --lora {out}; Ollama: ADAPTER {out})")
     return 0
 
@@ -137,7 +165,7 @@ def cmd_verify(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_path
 
-    r = evaluate_path(args.path, args.data, args.limit)
+    r = evaluate_path(_resolved(args, "path"), args.data, args.limit)
     if args.json:
         print(json.dumps(r.as_dict()))
     else:
@@ -270,7 +298,8 @@ def _add_export_flags(p) -> None:
     from .config import add_flags
     from .export.config import GGUF_QUANTS, ExportConfig  # onnx: only when export runs
 
-    p.add_argument("model", help="merged HF model dir (with --target fpga also a bundle)")
+    p.add_argument("model", help="merged HF model dir or Hub id (with --target fpga also a bundle)")
+    _add_revision(p)
     p.add_argument("--out", required=True, help="bundle dir to create")
     p.add_argument(
         "--target",
@@ -308,6 +337,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Fine-tune, merge, export and run a small language model on the edge.",
     )
     ap.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    ap.add_argument(
+        "--verbose", action="store_true", help="show other libraries' log lines edgetune hides"
+    )
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def wanted(name: str) -> bool:
@@ -334,7 +366,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Write a plain HF model dir with the adapter merged in. For "
         "qlora/qdora adapters the base is NF4-dequantized exactly as in training.",
     )
-    p.add_argument("--model", required=True, help="base model dir the adapter was trained on")
+    p.add_argument(
+        "--model", required=True, help="base model dir or Hub id the adapter was trained on"
+    )
+    _add_revision(p)
     p.add_argument("--adapter", required=True, help="RUN/adapter (PEFT format)")
     p.add_argument("--out", required=True)
     p.add_argument(
@@ -364,7 +399,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "and Ollama (ADAPTER) over a GGUF of the base model without a merge.",
     )
     p.add_argument("adapter", help="RUN/adapter (PEFT format)")
-    p.add_argument("--base", required=True, help="the base model dir the adapter was trained on")
+    p.add_argument(
+        "--base", required=True, help="the base model dir or Hub id the adapter was trained on"
+    )
+    _add_revision(p, "the base")
     p.add_argument("--format", choices=("gguf",), default="gguf")
     p.add_argument("--out", required=True, help="FILE.gguf to create")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -375,7 +413,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("eval", help="exact match and perplexity of a bundle or model dir")
-    p.add_argument("path", help="bundle or HF model dir")
+    p.add_argument("path", help="bundle, HF model dir or Hub id")
+    _add_revision(p)
     p.add_argument("--data", required=True, help="JSONL with messages or prompt/completion")
     p.add_argument("--limit", type=int, help="first N examples only")
     p.add_argument("--json", action="store_true")
@@ -422,11 +461,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv and not argv[0].startswith("-") else "").parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command).parse_args(argv)
+    quiet(args.verbose)
     try:
         return args.func(args)
     except EdgetuneError as e:
         print(f"edgetune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"edgetune {args.command}: error: needs {e.name}, which is not installed: "
+            f"pip install 'edgetune[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -7,6 +7,7 @@ to try; a backend that lacks the kernel falls to the next, fastest first.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from contextlib import contextmanager
 from functools import lru_cache
@@ -18,7 +19,9 @@ BACKENDS = ("cython", "numba", "reference")
 
 @lru_cache(maxsize=None)
 def _load(name: str):
-    """Import a backend module, or return None when it is not built or not installed."""
+    """Import a backend module, or return None when it is not built or not installed (the
+    C extension is optional at install time, numba an optional extra: a missing compiled
+    module is said once, on one line)."""
     try:
         if name == "cython":  # the compiled module (setup.py builds it; no stub for mypy)
             return importlib.import_module(f"{__package__}._ckernels")
@@ -27,6 +30,16 @@ def _load(name: str):
 
             return numba_kernels
     except ImportError:
+        if name == "cython":
+            fallback = (
+                "numba"
+                if _load("numba") is not None
+                else "numpy (pip install 'edgetune[numba]' for more)"
+            )
+            logging.getLogger("edgetune").warning(
+                "edgetune: the compiled kernels are not built (no C compiler when edgetune was "
+                f"installed); kernels run on {fallback}, slower"
+            )
         return None
     from . import reference
 

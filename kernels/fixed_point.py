@@ -20,7 +20,7 @@ absmax, giving int32 weights whose real value is w / (127 · 2^f).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -148,8 +148,12 @@ def q4q8_gemv_fixed_fast(
     w: Q4Weight, ws_fx: np.ndarray, ws_frac: int, act: FixedActivation
 ) -> np.ndarray:
     """The CPU kernels' integer mode (Numba) over the packed weight: bit-exact with
-    :func:`q4q8_gemv_fixed`. Returns int32 (N,) in Q(OUT_FRAC)."""
-    from .numba_kernels import q4q8_gemv_fixed as kernel
+    :func:`q4q8_gemv_fixed`. Returns int32 (N,) in Q(OUT_FRAC). Without numba (an optional
+    extra) it runs that golden model itself: the same bits, slower."""
+    try:
+        from .numba_kernels import q4q8_gemv_fixed as kernel
+    except ImportError:
+        kernel = None  # type: ignore[assignment]  # numba not installed: the golden model
 
     if (
         ws_fx.shape != w.scales.shape
@@ -160,6 +164,8 @@ def q4q8_gemv_fixed_fast(
             f"shapes do not match: weight (N={w.n}, K={w.k}, block={w.block}), "
             f"scales {ws_fx.shape}, activation {act.xq.shape}"
         )
+    if kernel is None:
+        return q4q8_gemv_fixed(replace(fixed_layer(w), ws_fx=ws_fx, ws_frac=ws_frac), act)
     out = np.empty(w.n, np.int32)
     kernel(
         w.packed,

@@ -25,6 +25,7 @@ import onnx
 
 from ..bundle import commit_dir, file_table, write_manifest
 from ..errors import ConfigError, OutputExistsError
+from ..hub import hub_source
 from ..models import check_model_dir, load_tokenizer, weights_sha256
 from .config import ExportConfig
 from .int8_dynamic import INT8_KIND, quantize_int8_dynamic
@@ -276,7 +277,11 @@ def export(
             bundle,
             {
                 "producer": "edgetune",
-                "source": {"weights_sha256": weights_sha256(model_dir)},
+                # a model from the Hub cache: its repo id and commit too
+                "source": {
+                    "weights_sha256": weights_sha256(model_dir),
+                    **(hub_source(model_dir) or {}),
+                },
                 "architecture": _architecture(hf_cfg),
                 "quantization": report["quantization"],
                 "decoder": {
@@ -291,6 +296,8 @@ def export(
                     "eos_token_ids": eos_ids(model_dir, tokenizer),
                     "bos_token_id": tokenizer.bos_token_id,
                     "chat_template": tokenizer.chat_template or tok_cfg.get("chat_template"),
+                    # what apply_chat_template hands the template besides the messages
+                    "special_tokens": dict(tokenizer.special_tokens_map),
                 },
                 "report": {k: report[k] for k in ("onnx_vs_torch", "quant_vs_fp32") if k in report},
             },

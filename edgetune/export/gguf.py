@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import ConfigError, ModelError, OutputExistsError
 from ..files import temp_beside
+from ..hub import hub_source
 from ..kernels import ggml_kquants, ggml_quants
 from ..models import check_model_dir, load_tokenizer
 from ..tensors import SafetensorsSource
@@ -248,11 +249,13 @@ def export_gguf(
     tensors = plan(src, cfg, d, quant)  # every check happens before a byte is written
     tokenizer = load_tokenizer(model_dir)
     template = tokenizer.chat_template
+    hub = hub_source(model_dir)  # a Hub snapshot: named after its repo, not its commit
+    name = hub["repo_id"].rpartition("/")[2] if hub else model_dir.name
     fd, tmp = temp_beside(out)
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCH[d.family]])
-        _metadata(w, cfg, d, quant, gguf_name(model_dir.name, set(tokenizer.get_vocab())))
+        _metadata(w, cfg, d, quant, gguf_name(name, set(tokenizer.get_vocab())))
         add_vocab(w, model_dir, d.vocab, tokenizer, template)
         for t in tensors:
             w.add_tensor_info(t.name, _byte_shape(t), _np_dtype(t.qtype), t.nbytes, t.qtype)
@@ -280,6 +283,7 @@ def export_gguf(
             "quant": quant,
             "tensor_types": counts,
             "file_bytes": out.stat().st_size,
+            **({"source": hub} if hub else {}),
             **gguf_report(model_dir, out, eval_data, eval_tokens),
         }
         write_report(out, r)

@@ -85,6 +85,7 @@ def start_jobs(cfg: ServeConfig, server, log):
     from pathlib import Path
 
     from ..errors import ModelError
+    from ..hub import resolve_model
     from ..models import weights_sha256
     from ..runtime.adapters import base_fingerprint, load_adapter
     from .finetune import JobRunner, RunnerConfig
@@ -92,7 +93,8 @@ def start_jobs(cfg: ServeConfig, server, log):
 
     assert cfg.base and cfg.state_dir
     exported_from = base_fingerprint(server.model.manifest)
-    if exported_from and Path(cfg.base).is_dir() and weights_sha256(cfg.base) != exported_from:
+    base = resolve_model(cfg.base, cfg.base_revision)  # a Hub id: its snapshot, for every job
+    if exported_from and weights_sha256(base) != exported_from:
         raise ModelError(
             f"--base {cfg.base}: its weights are not the ones {cfg.bundle} was exported from "
             "(SHA-256 differs): give the model dir the bundle was exported from"
@@ -104,7 +106,7 @@ def start_jobs(cfg: ServeConfig, server, log):
 
     store = Store(cfg.state_dir)
     runner_cfg = RunnerConfig(
-        base_model=cfg.base,
+        base_model=str(base),
         base_name=server.base,
         max_concurrent=cfg.max_concurrent_jobs,
         train_threads=cfg.train_threads,

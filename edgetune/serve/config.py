@@ -40,8 +40,10 @@ class ServeConfig:
     max_body_bytes: int = 4 << 20
     """Largest request body accepted (413 above)."""
     base: str | None = None
-    """Fine-tuning service: the Hugging Face model dir the bundle was exported from (jobs
-    train it; needs --state-dir)."""
+    """Fine-tuning service: the Hugging Face model dir or Hub id the bundle was exported from
+    (jobs train it; needs --state-dir)."""
+    base_revision: str | None = None
+    """Branch, tag or commit of a Hub id ``base`` (default main), fetched once at start."""
     state_dir: str | None = None
     """Fine-tuning service: where files, jobs and checkpoints live (SQLite + files)."""
     max_concurrent_jobs: int = 1

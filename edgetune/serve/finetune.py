@@ -52,7 +52,8 @@ def _die_with_parent() -> None:  # runs in the child, before exec
 @dataclass(frozen=True)
 class RunnerConfig:
     base_model: str
-    """The Hugging Face model dir the served bundle was exported from (what jobs train)."""
+    """The Hugging Face model dir the served bundle was exported from (what jobs train; a
+    Hub id's snapshot in the Hub cache, which the jobs' runs record as id and commit)."""
     base_name: str
     """The base's model id in the API."""
     max_concurrent: int = 1

@@ -20,11 +20,13 @@ class TrainConfig:
     """Every field is a ``train`` flag and a YAML key; its docstring is the flag's help."""
 
     model: str
-    """Local Hugging Face causal-LM dir (Llama / Phi-3 / Mistral / Qwen2 family)."""
+    """Hugging Face causal-LM dir or Hub id, org/name (Llama / Phi-3 / Mistral / Qwen2 family)."""
     data: str
     """Training JSONL (messages, prompt/completion or text per line)."""
     out: str
     """Run dir: adapter/, checkpoints/, metrics.jsonl, loss.png, config.yaml."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hub id ``model`` (default main); the run records the commit."""
     eval_data: str | None = None
     """Optional held-out JSONL; eval loss is logged every ``eval_every`` steps."""
     method: Method = "qlora"

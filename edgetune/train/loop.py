@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import save_config
+from ..hub import resolve_model
 from ..models import check_model_dir, load_tokenizer
 from . import checkpoint, engines, launch
 from .adapters import load_base, wrap_with_adapter
@@ -39,6 +41,7 @@ from .recipe import (
     micro_batches,
     plot_loss,
     prepare_rows,
+    recorded_config,
     save_adapter,
     share,
     token_loss_sum,
@@ -49,8 +52,10 @@ from .recipe import (
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune ``cfg.model`` on ``cfg.data``; returns the run dir (adapter in RUN/adapter).
     With ``cfg.nproc``/``nnodes`` > 1 it starts the workers (torchrun / DeepSpeed), which
-    come back here as ranks of the world."""
+    come back here as ranks of the world. A Hub id ``cfg.model`` is resolved (downloaded)
+    once, here: the workers get its snapshot dir."""
     return_freed_memory()  # this process and, through this function, every worker
+    cfg = replace(cfg, model=str(resolve_model(cfg.model, cfg.revision)), revision=None)
     if engines.in_worker():
         world = engines.init_world(cfg)
         try:
@@ -97,7 +102,7 @@ def run(
 
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(recorded_config(cfg), out / "config.yaml")
         for name, settings in engine.settings().items():
             (out / name).write_text(json.dumps(settings, indent=2) + "\n")
         if world.size > 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from ..data import load_examples, tokenize_examples
 from ..data.tokenize import IGNORE, TokenizedExample
 from ..errors import ConfigError, OutputExistsError
+from ..hub import hub_source
 from ..merge import ADAPTER_META
 from ..models import weights_sha256
 from . import checkpoint
@@ -212,6 +214,13 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     return out
 
 
+def recorded_config(cfg: TrainConfig) -> TrainConfig:
+    """The config a run saves: a base from the Hub cache as its repo id and commit hash (the
+    same weights again, on any machine), a local dir as it is."""
+    src = hub_source(cfg.model)
+    return replace(cfg, model=src["repo_id"], revision=src["revision"]) if src else cfg
+
+
 def save_adapter(model, cfg: TrainConfig, out: Path, state_dict=None) -> Path:
     """PEFT adapter dir, written beside and renamed into place. ``state_dict``: the full
     trainable weights when the model's own are sharded (FSDP, ZeRO-3)."""
@@ -227,10 +236,16 @@ def save_adapter(model, cfg: TrainConfig, out: Path, state_dict=None) -> Path:
         "rank": cfg.rank,
         "alpha": cfg.alpha,
     }
+    src = hub_source(cfg.model)
+    if src:  # the Hub repo and commit the base came from
+        meta.update(base_repo_id=src["repo_id"], base_revision=src["revision"])
     (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     cfg_path = tmp / "adapter_config.json"
     adapter_cfg = json.loads(cfg_path.read_text())
-    adapter_cfg["base_model_name_or_path"] = str(Path(cfg.model).resolve())
+    # PEFT's fields for where the base lives: a Hub id and its commit, else the local dir
+    adapter_cfg["base_model_name_or_path"] = src["repo_id"] if src else meta["base_model"]
+    if src:
+        adapter_cfg["revision"] = src["revision"]
     cfg_path.write_text(json.dumps(adapter_cfg, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
