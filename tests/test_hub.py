@@ -248,3 +248,18 @@ def test_export_manifest_names_the_hub_commit(cache, tmp_path):
         "repo_id": REPO,
         "revision": TAGGED,
     }
+
+
+def test_resume_continues_on_the_commit_the_run_began_on(cache, tmp_path, task_data):
+    """main moves between a run and its --resume: the resumed run stays on its commit."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(Path(task_data[0]).read_text().splitlines(True)[:16]))
+    flags = ["--data", data, "--method", "lora", "--batch-size", "4", "--seq-len", "128"]
+    flags += ["--rank", "4", "--warmup-steps", "1", "--save-every", "1", "--out", tmp_path / "r"]
+    flags = ["--model", REPO, *map(str, flags)]
+    assert main(["train", *flags, "--max-steps", "2"]) == 0  # keeps its step-1 checkpoint
+    repo = cache / "models--edgetune-test--tiny-phi3"
+    (repo / "refs" / "main").write_text(TAGGED)  # the branch moves to another commit
+    assert main(["train", *flags, "--max-steps", "3", "--resume"]) == 0
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert (saved["model"], saved["revision"]) == (REPO, MAIN)

@@ -42,6 +42,7 @@ from .recipe import (
     plot_loss,
     prepare_rows,
     recorded_config,
+    resume_pin,
     save_adapter,
     share,
     token_loss_sum,
@@ -55,6 +56,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     come back here as ranks of the world. A Hub id ``cfg.model`` is resolved (downloaded)
     once, here: the workers get its snapshot dir."""
     return_freed_memory()  # this process and, through this function, every worker
+    cfg = resume_pin(cfg, resume)
     cfg = replace(cfg, model=str(resolve_model(cfg.model, cfg.revision)), revision=None)
     if engines.in_worker():
         world = engines.init_world(cfg)

@@ -214,6 +214,20 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     return out
 
 
+def resume_pin(cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """On ``--resume``, a Hub id given without ``--revision`` continues on the commit the run
+    began on (its config.yaml), not on wherever the branch has moved since."""
+    saved = Path(cfg.out) / "config.yaml"
+    if not resume or cfg.revision or Path(cfg.model).is_dir() or not saved.is_file():
+        return cfg
+    import yaml
+
+    rec = yaml.safe_load(saved.read_text()) or {}
+    if rec.get("model") == cfg.model and rec.get("revision"):
+        return replace(cfg, revision=str(rec["revision"]))
+    return cfg
+
+
 def recorded_config(cfg: TrainConfig) -> TrainConfig:
     """The config a run saves: a base from the Hub cache as its repo id and commit hash (the
     same weights again, on any machine), a local dir as it is."""
