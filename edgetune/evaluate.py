@@ -40,12 +40,12 @@ class EvalResult:
 
 
 def split_example(ex: Example, render) -> tuple[str, str]:
-    """(prompt text, reference answer) for an example; ``render(messages)`` renders a chat
-    with the generation prompt appended."""
+    """(prompt text, reference answer) for an example; ``render(messages, tools=...)`` renders
+    a chat with the generation prompt appended."""
     if ex.kind == "messages":
         msgs = ex.as_chat()
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return render(msgs[:last]), msgs[last]["content"]
+        return render(msgs[:last], tools=list(ex.tools) or None), msgs[last]["content"]
     if ex.kind == "prompt":
         # parse_example only makes a prompt example with both fields set
         assert ex.prompt is not None and ex.completion is not None
@@ -111,8 +111,10 @@ def evaluate_torch(
     accuracy, batch-1 decoding on a few examples for speed."""
     import torch
 
-    def render(msgs):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    def render(msgs, tools=None):
+        return tokenizer.apply_chat_template(
+            msgs, tools=tools, tokenize=False, add_generation_prompt=True
+        )
 
     pairs = [split_example(ex, render) for ex in examples]
     eos = tokenizer.eos_token_id

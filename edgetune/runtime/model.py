@@ -15,7 +15,8 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from ..bundle import read_manifest, verify
-from ..errors import BundleError, ConfigError, EdgetuneError
+from ..errors import BundleError, ConfigError
+from .chat_template import PromptError, render
 from .ort_backend import OrtDecoder
 from .sampling import SamplingConfig, select
 from .text import TextStream
@@ -30,21 +31,6 @@ class Decoder(Protocol):
     def forward(
         self, input_ids: np.ndarray, past: Any = None, last_only: bool = False
     ) -> tuple[np.ndarray, Any]: ...
-
-
-class PromptError(EdgetuneError):
-    """The prompt cannot be run (empty, not text, longer than the context)."""
-
-
-def _chat_renderer(template: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(msg):
-        raise PromptError(f"chat template: {msg}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
 
 
 class Model:
@@ -126,15 +112,34 @@ class Model:
             return self.tokenizer.decode([token], skip_special_tokens=False)
         return piece.replace("\u2581", " ")
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
+        """The prompt text for ``messages`` (and ``tools``, JSON schemas), exactly as the
+        training side's ``apply_chat_template(..., tokenize=False)`` renders it."""
         if not self._template:
             raise BundleError(f"{self.path}: bundle has no chat template")
         if not messages or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+            isinstance(m, dict)
+            and "role" in m
+            and ("content" in m or (m["role"] == "assistant" and m.get("tool_calls")))
+            for m in messages
         ):
-            raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts")
-        return _chat_renderer(self._template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt
+            raise PromptError(
+                "messages must be a non-empty list of {'role', 'content'} dicts "
+                "(an assistant's may have 'tool_calls' instead of 'content')"
+            )
+        # what apply_chat_template passes besides the messages; bundles before it: none
+        special = self.manifest["tokenizer"].get("special_tokens") or {}
+        return render(
+            self._template,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=special,
         )
 
     # -- generation -----------------------------------------------------------------------
@@ -179,7 +184,7 @@ class Model:
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         """Yield text pieces as they are generated (stops before any stop string)."""
         cfg = SamplingConfig(**sampling)
-        text = TextStream(self.decode, cfg.stop)
+        text = TextStream(self.tokenizer, cfg.stop)
         for tok in self.generate_ids(self.encode(prompt), cfg):
             piece = text.push(tok)
             if piece:
@@ -193,12 +198,15 @@ class Model:
     def generate(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))
 
-    def chat(self, messages: list[dict], **sampling) -> str:
-        return self.generate(self.render_chat(messages), **sampling)
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, **sampling) -> str:
+        """The reply to ``messages`` (with ``tools``: JSON-schema function definitions)."""
+        return self.generate(self.render_chat(messages, tools=tools), **sampling)
 
-    def stream_chat(self, messages: list[dict], **sampling) -> Iterator[str]:
+    def stream_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, **sampling
+    ) -> Iterator[str]:
         """``chat``, yielding text pieces as they are generated."""
-        return self.stream(self.render_chat(messages), **sampling)
+        return self.stream(self.render_chat(messages, tools=tools), **sampling)
 
     def fit_chat(self, messages: list[dict], reserve: int = 0) -> tuple[list[dict], int]:
         """(messages, how many were dropped): the oldest turns after a leading system message
