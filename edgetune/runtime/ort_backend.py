@@ -8,7 +8,10 @@ option that avoids the packed copy, ``session.disable_prepacking``, makes every 
 dequantize each weight whole (~100x slower decoding), so none is set. An fp32 tied head,
 MatMul(x, Transpose(table)), is constant-folded into a transposed copy of the table.
 The graph's Concat copies the whole KV cache into fresh ``present`` tensors every step;
-keeping them as OrtValues (IO binding) measured no faster and held more memory.
+keeping them as OrtValues (IO binding) measured no faster and held more memory (again on
+the 0.55B bench bundle, ORT 1.32, 1536-token context: 5.1-5.5 vs 7.8-8.0 tok/s in a fresh
+process, +270 MB peak RSS; level when interleaved in one warm process): handing the
+cache out as numpy and back costs less than ONNX Runtime's arena does for a cache it keeps.
 """
 
 from __future__ import annotations

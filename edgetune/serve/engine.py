@@ -115,7 +115,7 @@ def _deliver_all(handles) -> None:
 class _Seq:
     """A job inside the worker: its cache, its place in the prompt, its text."""
 
-    def __init__(self, job: Job, handle: Handle, decode, cache):
+    def __init__(self, job: Job, handle: Handle, tokenizer, cache):
         self.job = job
         self.handle = handle
         self.cache = cache  # KVCache (native) or the ORT past (None before the first pass)
@@ -124,8 +124,7 @@ class _Seq:
         self.generated = 0
         self.last = -1
         self.rng = np.random.default_rng(job.sampling.seed)
-        self.text = TextStream(decode, job.sampling.stop)
-        self.said = ""  # decoded text of the generated tokens so far (token pieces)
+        self.text = TextStream(tokenizer, job.sampling.stop)
 
     @property
     def prefilling(self) -> bool:
@@ -177,7 +176,7 @@ class Engine:
                     f"(--max-queue {self.cfg.max_queue}): try again shortly"
                 )
             cache = self.decoder.new_cache() if self.batched else None
-            self._waiting.append(_Seq(job, handle, self.model.decode, cache))
+            self._waiting.append(_Seq(job, handle, self.model.tokenizer, cache))
             self._lock.notify()
         return handle
 
@@ -329,10 +328,8 @@ class Engine:
     def _piece(self, s: _Seq, token: int) -> str:
         """The token's own text: what it added to the decoded generation (the TextStream
         has just decoded it)."""
-        now = s.text.text
-        piece = now[len(s.said) :] if now.startswith(s.said) else self.model.token_text(token)
-        s.said = now
-        return piece
+        added = s.text.added
+        return added if added is not None else self.model.token_text(token)
 
     def _finish(self, s: _Seq, reason: str) -> None:
         self._emit(s.handle, Done(reason, len(s.job.prompt_ids), s.generated, s.text.finish()))
