@@ -22,3 +22,18 @@ def temp_beside(out: Path) -> tuple[int, Path]:
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.fchmod(fd, 0o666 & ~_umask())
     return fd, Path(name)
+
+
+def write_json(path: Path, obj: object) -> Path:
+    """``obj`` as indented JSON at ``path``, whole or not at all."""
+    import json
+
+    fd, tmp = temp_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -15,6 +15,7 @@ from .bundle import dir_bytes
 from .data import load_examples, smart_home
 from .errors import OutputExistsError
 from .evaluate import EvalResult, evaluate_bundle, evaluate_torch
+from .files import write_json
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class QuickstartConfig:
     shipped in examples/configs like every other recipe."""
 
     out: str = "edgetune-quickstart"
-    """Everything goes here: data/, run/, merged/, bundle-fp32/, bundle/."""
+    """Everything goes here: data/, run/, merged/, bundle-fp32/, bundle/, quickstart.json."""
     recipe: str = "tiny-phi3_qlora_cpu"
     """Training recipe: the name of a shipped config (examples/configs) or a YAML file."""
     export_recipe: str = "tiny-phi3_int4_cpu"
@@ -46,6 +47,24 @@ class Row:
     result: EvalResult
     size_bytes: int
     size_note: str
+
+    def as_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            **self.result.as_dict(),
+            "size_bytes": self.size_bytes,
+            "size_note": self.size_note,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Row":
+        fields = ("exact_match", "perplexity", "decode_tokens_per_s", "examples")
+        return cls(
+            d["stage"], EvalResult(**{k: d[k] for k in fields}), d["size_bytes"], d["size_note"]
+        )
+
+
+TABLE = "quickstart.json"  # the table in OUT, for scripts: one object per row
 
 
 def format_table(rows: list[Row]) -> str:
@@ -144,6 +163,7 @@ def quickstart(cfg: QuickstartConfig | None = None, log=print) -> list[Row]:
             "",
         ),
     ]
+    write_json(out / TABLE, [r.as_dict() for r in rows])
     log("")
     log(format_table(rows))
     log(

@@ -5,6 +5,7 @@ it trains nothing. The trained stages come from one real quickstart run (train -
 export), made the first time a test asks for ``quickstart_run``, ``trained_adapter``,
 ``merged_model``, ``int4_bundle`` or ``fp32_bundle``, so the suite trains it once."""
 
+import json
 import os
 
 import pytest
@@ -41,13 +42,31 @@ def task_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
-    """``edgetune quickstart`` with its default settings: (table rows, output dir). The one
-    training of the suite (minutes); only the stage fixtures below and test_pipeline ask."""
-    from edgetune.quickstart import QuickstartConfig, quickstart
+    """``edgetune quickstart`` with its default settings, run as a user runs it (the CLI, in
+    its own process): (table rows, output dir). The one training of the suite (minutes);
+    only the stage fixtures below and test_pipeline ask. What it printed is
+    ``quickstart_console``."""
+    import subprocess
+    import sys
+
+    from edgetune.quickstart import TABLE, Row
 
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    rows = quickstart(QuickstartConfig(out=str(out)), log=lambda s: None)
+    cmd = [sys.executable, "-m", "edgetune.cli", "quickstart", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=out.parent)
+    (out.parent / "console.json").write_text(
+        json.dumps({"stdout": done.stdout, "stderr": done.stderr})
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [Row.from_dict(r) for r in json.loads((out / TABLE).read_text())]
     return rows, out
+
+
+@pytest.fixture(scope="session")
+def quickstart_console(quickstart_run):
+    """(stdout, stderr) of ``quickstart_run``'s command."""
+    c = json.loads((quickstart_run[1].parent / "console.json").read_text())
+    return c["stdout"], c["stderr"]
 
 
 @pytest.fixture(scope="session")

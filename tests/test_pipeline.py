@@ -29,6 +29,19 @@ def test_quickstart_table_meets_the_bars(quickstart_run):
     assert {r.result.examples for r in rows} == {100}
 
 
+def test_quickstart_prints_no_warning(quickstart_console):
+    """A user's first command: its output is the five stages and the table, and no library
+    says anything on stderr (no bitsandbytes, DeepSpeed or transformers warning)."""
+    stdout, stderr = quickstart_console
+    assert stderr.strip() == "", stderr
+    assert [line[:5] for line in stdout.splitlines() if line.startswith("[")] == [
+        f"[{i}/5]" for i in range(1, 6)
+    ]
+    assert not [
+        line for line in stdout.splitlines() if "warn" in line.lower() or "deprecat" in line.lower()
+    ]
+
+
 def test_quickstart_files_load_in_the_next_tool(quickstart_run, task_data, tiny_model):
     from transformers import AutoModelForCausalLM
 
