@@ -111,15 +111,14 @@ def cmd_export(args) -> int:
     from .config import config_from_args
     from .export.config import ExportConfig
 
-    args.model = _resolved(args, "model")
     if args.format == "gguf":
-        from .export.config import GGUF_ALIASES
+        from .export.config import gguf_quant
         from .export.gguf import export_gguf
 
-        quant = GGUF_ALIASES.get(args.quant, args.quant)
+        quant = gguf_quant(args.quant)  # a bad one fails before a Hub id is downloaded
         tokens = getattr(args, "eval_tokens", None)
         out = export_gguf(
-            args.model,
+            _resolved(args, "model"),
             args.out,
             quant,
             force=args.force,
@@ -129,7 +128,8 @@ def cmd_export(args) -> int:
         )
         print(f"GGUF: {out}")
         return 0
-    cfg = config_from_args(ExportConfig, args)
+    cfg = config_from_args(ExportConfig, args)  # bad flags fail before any download
+    args.model = _resolved(args, "model")
     if args.target == "fpga":
         from .fpga.project import export_fpga
 

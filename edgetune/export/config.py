@@ -18,6 +18,14 @@ GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 GGUF_ALIASES = {"int4": "q4_0", "int8": "q8_0", "none": "f16"}  # the ONNX names, for GGUF
 
 
+def gguf_quant(name: str) -> str:
+    """A GGUF ``--quant`` (or an ONNX name for one) as llama.cpp's file type, checked."""
+    quant = GGUF_ALIASES.get(name, name)
+    if quant not in GGUF_QUANTS:
+        raise ConfigError(f"GGUF quant must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
+    return quant
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Every field is an ``export`` flag and a YAML key; its docstring is the flag's help."""

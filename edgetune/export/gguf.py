@@ -30,13 +30,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ..errors import ConfigError, ModelError, OutputExistsError
+from ..errors import ModelError, OutputExistsError
 from ..files import temp_beside
 from ..hub import hub_source
 from ..kernels import ggml_kquants, ggml_quants
 from ..models import check_model_dir, load_tokenizer
 from ..tensors import SafetensorsSource
-from .config import GGUF_QUANTS
+from .config import gguf_quant
 from .families import Dims, expected_shapes
 from .gguf_types import FILE_TYPES, tensor_types
 from .gguf_vocab import add_vocab
@@ -238,8 +238,7 @@ def export_gguf(
     and renamed when complete, so a failure leaves nothing behind. With ``report``,
     llama.cpp then scores the file against the fp32 checkpoint (``gguf_report``) into
     ``FILE.report.json``."""
-    if quant not in GGUF_QUANTS:
-        raise ConfigError(f"GGUF quant must be one of {', '.join(GGUF_QUANTS)}, got {quant!r}")
+    quant = gguf_quant(quant)
     model_dir, out = Path(model_dir), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: output exists (use --force to replace it)")
