@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ def _sh(cmd, env=None, stdin=None, check=True, timeout=900):
         env=env,
         input=stdin,
         timeout=timeout,
+        cwd=tempfile.gettempdir(),  # not the checkout: `python -c` would import its edgetune/
     )
     if check and done.returncode != 0:
         raise AssertionError(
@@ -42,6 +44,7 @@ def fresh(tmp_path_factory):
     compiler is ``false`` (every compile fails, as on a machine without one)."""
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src"
+    src.mkdir()
     for name in SOURCES:
         s = ROOT / name
         ignore = shutil.ignore_patterns("__pycache__", "*.so", "_ckernels.c", "build")
@@ -102,20 +105,8 @@ def test_native_backend_without_compiled_kernels_says_so_once(fresh, int4_bundle
 
 def test_train_without_torch_names_the_extra(fresh, tiny_model, task_data, tmp_path):
     bin_, env = fresh
-    done = _sh(
-        [
-            bin_ / "edgetune",
-            "train",
-            "--model",
-            tiny_model,
-            "--data",
-            task_data[0],
-            "--out",
-            tmp_path / "r",
-        ],
-        env=env,
-        check=False,
-    )
+    argv = ["train", "--model", tiny_model, "--data", task_data[0], "--out", tmp_path / "r"]
+    done = _sh([bin_ / "edgetune", *argv], env=env, check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "edgetune train: error: needs torch, which is not installed: pip install 'edgetune[train]'"

@@ -1,5 +1,5 @@
 """``edgetune bench``: its flags and the dispatch to each benchmark (kernels, runtime, train,
-dist, scale, serve), which prints a table or, with --json, one JSON object."""
+dist, scale, serve, tokens), which prints a table or, with --json, one JSON object."""
 
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ def add_parser(sub) -> None:
         "with the per-layer slope and the extrapolation to Phi-3-mini and "
         "Phi-3-medium against the memory targets. serve: an edgetune serve process "
         "under 1, 2, 4 and 8 concurrent streams (TTFT p50/p95, aggregate tok/s), an "
-        "unmerged adapter's decode against the base, and HTTP against edgetune run.",
+        "unmerged adapter's decode against the base, and HTTP against edgetune run. "
+        "tokens: token selection (top-k/top-p) and streaming text per token against their "
+        "whole-vocabulary / whole-sequence specs.",
     )
-    p.add_argument("what", choices=("kernels", "runtime", "train", "dist", "scale", "serve"))
+    p.add_argument(
+        "what", choices=("kernels", "runtime", "train", "dist", "scale", "serve", "tokens")
+    )
     p.add_argument(
         "bundle",
         nargs="?",
@@ -140,6 +144,14 @@ def _bench(args, log):
         if args.json:
             return report
         print(scale.format_results(report))
+        return 0
+    if args.what == "tokens":
+        from . import tokens
+
+        report = tokens.bench(log=log)
+        if args.json:
+            return report
+        print(tokens.format_results(report))
         return 0
     # each benchmark's results and table are its own types: one branch each
     if args.what == "kernels":

@@ -5,14 +5,13 @@ and a bounded decoding window, so the work per token does not grow with the text
 
 from __future__ import annotations
 
-from typing import Callable
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from edgetune.models import tiny_model_path
+from edgetune.runtime.reference import WholeDecodeStream
 from edgetune.runtime.text import _KEEP, MAX_PENDING, TextStream
 
 TEXTS = [
@@ -24,46 +23,6 @@ TEXTS = [
     "mixed: ümlaut 😀 漢字 ok → done ✓",
 ]
 WINDOW = 2 * (MAX_PENDING + _KEEP + 1)  # context + undecided ids, at most
-
-
-class OldTextStream:
-    """The reference: the previous implementation, decoding everything at every token."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
-        self.decode = decode
-        self.stop = tuple(s for s in stop if s)
-        self.ids: list[int] = []
-        self.emitted = ""
-        self.text = ""
-        self.stopped = False
-        self._hold = max((len(s) - 1 for s in self.stop), default=0)
-
-    def push(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self.ids.append(token)
-        text = self.text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            return self._release(text[:cut])
-        # max(0, ...): the old code sliced text[:-k] while the text was shorter than the
-        # hold, releasing the start of a stop string that came next (fixed in both)
-        return self._release(text[: max(0, len(text) - self._hold)])
-
-    def finish(self) -> str:
-        if self.stopped:
-            return ""
-        return self._release(self.decode(self.ids))
-
-    def _release(self, upto: str) -> str:
-        if len(upto) <= len(self.emitted):
-            return ""
-        piece = upto[len(self.emitted) :]
-        self.emitted = upto
-        return piece
 
 
 # -- tokenizers ------------------------------------------------------------------------------
@@ -166,7 +125,7 @@ def run(stream, ids: list[int]) -> tuple[list[str], str, bool]:
 def check(tok: Tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> None:
     """Same pieces at the same tokens as the reference; bounded decoding work."""
     new = TextStream(tok, stop)
-    old = OldTextStream(lambda x: tok.decode(x, skip_special_tokens=True), stop)
+    old = WholeDecodeStream(lambda x: tok.decode(x, skip_special_tokens=True), stop)
     said, pieces = "", []
     fallback = "<0x41>" in tok.get_vocab()
     for i in ids:
