@@ -133,3 +133,16 @@ def test_onnx_decoder_matches_torch_with_kv_cache(merged_model, fp32_bundle):
     with torch.no_grad():
         ref = load_model(merged_model)(torch.tensor([ids])).logits[0, 3:].numpy()
     np.testing.assert_allclose(np.stack(steps), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_parity_line_says_what_differs(int4_bundle, fp32_bundle):
+    """A quantized bundle's ONNX-vs-PyTorch line is ORT's int8 activations on the same
+    weights (rel ~1e-2): the report says so; the fp32 bundle's line needs no such note."""
+    from edgetune.export.report import format_report
+
+    lines = {
+        name: format_report(json.loads((b / "report.json").read_text())).splitlines()[1]
+        for name, b in (("int4", int4_bundle), ("fp32", fp32_bundle))
+    }
+    assert lines["int4"].endswith("(same weights; ORT's int8 activations)")
+    assert "ONNX vs PyTorch" in lines["fp32"] and "same weights" not in lines["fp32"]
