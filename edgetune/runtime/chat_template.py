@@ -25,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import datetime
 from functools import lru_cache
@@ -106,6 +107,7 @@ def render(
     tools: list[dict] | None = None,
     documents: list[dict] | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     special_tokens: dict[str, Any] | None = None,
     **extra: Any,
 ) -> str:
@@ -113,11 +115,69 @@ def render(
     tokenize=False, tools=tools, add_generation_prompt=...)`` gives for a tokenizer whose
     ``special_tokens_map`` is ``special_tokens``; ``extra`` are further template variables
     (``date_string``, ``enable_thinking``, ...). Tools are JSON schemas (dicts). A template's
-    ``raise_exception`` and any template error raise PromptError."""
+    ``raise_exception`` and any template error raise PromptError. ``continue_final_message``
+    leaves the last message open (the prompt ends with its text, not its end-of-turn), so
+    the model continues it: a reply begun for it ("Sure, the JSON is: {")."""
     if tools is not None and not all(isinstance(t, dict) for t in tools):
         raise PromptError("tools must be a list of JSON-schema dicts")
     if documents is not None and not all(isinstance(d, dict) for d in documents):
         raise PromptError("documents must be a list of dicts")
+    if continue_final_message:
+        if add_generation_prompt:
+            raise PromptError(
+                "continue_final_message and add_generation_prompt exclude each other: one "
+                "continues the last message, the other opens a new assistant turn"
+            )
+        messages, final = _tag_final(messages)
+        text = _render(template, messages, tools, documents, False, special_tokens, extra)
+        return _cut_at_tag(text, final)
+    return _render(
+        template, messages, tools, documents, add_generation_prompt, special_tokens, extra
+    )
+
+
+#: what transformers appends to the final message to find where it ends in the rendered text
+_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final(messages: list[dict]) -> tuple[list[dict], str]:
+    """(messages with the tag after the final message's text, that text)."""
+    if not messages:
+        raise PromptError("continue_final_message needs a message to continue")
+    messages = copy.deepcopy(messages)
+    last = messages[-1]
+    content = last.get("content")
+    if isinstance(content, str):
+        last["content"] = content + _TAG
+        return messages, content
+    for part in reversed(content or []):
+        if isinstance(part, dict) and part.get("type") == "text":
+            final = part["text"]
+            part["text"] = final + _TAG
+            return messages, final
+    raise PromptError("continue_final_message: the final message has no text to continue")
+
+
+def _cut_at_tag(text: str, final: str) -> str:
+    """The rendered chat up to where the final message's text ends (as transformers cuts)."""
+    tag = _TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise PromptError(
+            "continue_final_message: the chat template drops part of the final message"
+        )
+    at = text.rindex(tag)
+    return text[:at] if text[at : at + len(_TAG)] == _TAG else text[:at].rstrip()
+
+
+def _render(
+    template: str,
+    messages: list[dict],
+    tools: list[dict] | None,
+    documents: list[dict] | None,
+    add_generation_prompt: bool,
+    special_tokens: dict[str, Any] | None,
+    extra: dict[str, Any],
+) -> str:
     context = {**(special_tokens or {}), **extra}
     compiled = compile_template(template)
     try:

@@ -117,6 +117,7 @@ class Model:
         messages: list[dict],
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        continue_final_message: bool = False,
     ) -> str:
         """The prompt text for ``messages`` (and ``tools``, JSON schemas), exactly as the
         training side's ``apply_chat_template(..., tokenize=False)`` renders it."""
@@ -138,7 +139,8 @@ class Model:
             self._template,
             messages,
             tools=tools,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
             special_tokens=special,
         )
 

@@ -262,6 +262,28 @@ def test_raise_exception_is_a_prompt_error(family):
         render(family["llama-3.1-8b-instruct"][0].chat_template, two_calls)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_continue_final_message_equals_transformers(family, name):
+    """A reply begun for the model ("Sure: {"): the prompt ends inside that turn."""
+    tok, _ = family[name]
+    chat = [
+        {"role": "user", "content": "Température à Zürich ? Réponds en JSON."},
+        {"role": "assistant", "content": 'Voici : {"ville": "Zürich", '},
+    ]
+    ours = render(
+        tok.chat_template,
+        chat,
+        add_generation_prompt=False,
+        continue_final_message=True,
+        special_tokens=dict(tok.special_tokens_map),
+    )
+    theirs = tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    assert ours == theirs and ours.rstrip().endswith('"ville": "Zürich",')
+    assert_same_tokens(family, name, ours)
+    with pytest.raises(PromptError, match="exclude each other"):
+        render(tok.chat_template, chat, continue_final_message=True)
+
+
 def test_template_errors_are_prompt_errors():
     with pytest.raises(PromptError, match="chat template: line 1"):
         render("{% for m in messages %}", [])
