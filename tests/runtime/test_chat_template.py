@@ -270,14 +270,9 @@ def test_continue_final_message_equals_transformers(family, name):
         {"role": "user", "content": "Température à Zürich ? Réponds en JSON."},
         {"role": "assistant", "content": 'Voici : {"ville": "Zürich", '},
     ]
-    ours = render(
-        tok.chat_template,
-        chat,
-        add_generation_prompt=False,
-        continue_final_message=True,
-        special_tokens=dict(tok.special_tokens_map),
+    ours, theirs = both(
+        family, name, chat, add_generation_prompt=False, continue_final_message=True
     )
-    theirs = tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)
     assert ours == theirs and ours.rstrip().endswith('"ville": "Zürich",')
     assert_same_tokens(family, name, ours)
     with pytest.raises(PromptError, match="exclude each other"):
