@@ -9,23 +9,13 @@ from typing import Callable
 
 import numpy as np
 
-from .sampling import SamplingConfig
-
-
-def _penalized(logits: np.ndarray, context: list[int], cfg: SamplingConfig) -> np.ndarray:
-    x = logits.astype(np.float64).copy()
-    if cfg.repetition_penalty != 1.0 and context:
-        seen = np.unique(np.asarray(context))
-        vals = x[seen]
-        r = cfg.repetition_penalty
-        x[seen] = np.where(vals > 0, vals / r, vals * r)
-    return x
+from .sampling import SamplingConfig, penalized
 
 
 def probs_reference(logits: np.ndarray, context: list[int], cfg: SamplingConfig) -> np.ndarray:
     """(V,) float64 probabilities ``select`` draws from (temperature > 0): the whole
     vocabulary, top-k by a partition, top-p by a full sort."""
-    x = _penalized(logits, context, cfg) / cfg.temperature
+    x = penalized(logits, context, cfg) / cfg.temperature
     if cfg.top_k and cfg.top_k < x.size:
         kth = np.partition(x, -cfg.top_k)[-cfg.top_k]
         x[x < kth] = -np.inf
@@ -44,7 +34,7 @@ def select_reference(
 ) -> int:
     """``sampling.select``'s spec: the same token for the same ``rng`` state."""
     if cfg.temperature == 0:
-        return int(_penalized(logits, context, cfg).argmax())
+        return int(penalized(logits, context, cfg).argmax())
     return int(rng.choice(logits.size, p=probs_reference(logits, context, cfg)))
 
 

@@ -38,6 +38,18 @@ class SamplingConfig:
 _FIRST_NUCLEUS = 64  # candidates tried first for top-p (then more, see _kept)
 
 
+def penalized(logits: np.ndarray, context: list[int], cfg: SamplingConfig) -> np.ndarray:
+    """(V,) float64 copy of ``logits`` with the repetition penalty applied to ``context``'s
+    tokens (as in CTRL / transformers: positive logits divided, negative multiplied)."""
+    x = logits.astype(np.float64)
+    if cfg.repetition_penalty != 1.0 and context:
+        seen = np.unique(np.asarray(context))
+        vals = x[seen]
+        r = cfg.repetition_penalty
+        x[seen] = np.where(vals > 0, vals / r, vals * r)
+    return x
+
+
 def select(
     logits: np.ndarray, context: list[int], cfg: SamplingConfig, rng: np.random.Generator
 ) -> int:
@@ -50,11 +62,7 @@ def select(
     short of p, at least 4x more, and sorts only those. The draw is the one
     ``rng.choice(V, p=probs)`` made before: one ``rng.random()`` against the cumulative
     probabilities in id order, so a seed picks the same tokens as before."""
-    x = logits.astype(np.float64)  # (V,) a copy; O(V) passes below are cheap, sorts are not
-    if cfg.repetition_penalty != 1.0 and context:
-        seen = np.unique(np.asarray(context))
-        vals = x[seen]
-        x[seen] = np.where(vals > 0, vals / cfg.repetition_penalty, vals * cfg.repetition_penalty)
+    x = penalized(logits, context, cfg)  # O(V) passes are cheap, sorts are not
     if cfg.temperature == 0:
         return int(x.argmax())
     x /= cfg.temperature

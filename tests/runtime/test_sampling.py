@@ -8,16 +8,7 @@ from hypothesis import strategies as st
 
 from edgetune.runtime.reference import probs_reference as probs_ref
 from edgetune.runtime.reference import select_reference as select_ref
-from edgetune.runtime.sampling import SamplingConfig, _kept, select
-
-
-def _penalized(logits, context, cfg) -> np.ndarray:
-    x = logits.astype(np.float64)
-    if cfg.repetition_penalty != 1.0 and context:
-        seen = np.unique(np.asarray(context))
-        r = cfg.repetition_penalty
-        x[seen] = np.where(x[seen] > 0, x[seen] / r, x[seen] * r)
-    return x / cfg.temperature
+from edgetune.runtime.sampling import SamplingConfig, _kept, penalized, select
 
 
 def _case(seed: int, vocab: int, ties: bool):
@@ -45,7 +36,7 @@ def _case(seed: int, vocab: int, ties: bool):
 def test_kept_tokens_and_probabilities_equal_the_reference(seed, vocab, ties):
     logits, context, cfg = _case(seed, vocab, ties)
     ref = probs_ref(logits, context, cfg)
-    ids, probs = _kept(_penalized(logits, context, cfg), cfg.top_k, cfg.top_p)
+    ids, probs = _kept(penalized(logits, context, cfg) / cfg.temperature, cfg.top_k, cfg.top_p)
     # a token whose exp() underflows is kept with probability 0: it can never be drawn
     assert ids[probs > 0].tolist() == np.flatnonzero(ref).tolist()
     assert np.abs(probs - ref[ids]).max() <= 1e-12
